@@ -1,0 +1,1 @@
+"""VESSA processes: the `vessa` CLI, the embedded Redis server, the Redis→Serve dispatcher, launchers."""

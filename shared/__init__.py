@@ -1,0 +1,1 @@
+"""Code that both sides of VESSA import: configuration, data layer, metrics, wire formats."""

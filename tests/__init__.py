@@ -1,0 +1,1 @@
+"""Tests run by `.ci/run`."""
