@@ -1,0 +1,29 @@
+"""The Serve application: `VessaIngress` (FastAPI) → `VessaAssistant` replicas.
+
+`serve run deploy/serve_cpu.yaml` imports `assistant_server.app:build_app`; `vessa serve` calls it too.
+Application args (from the YAML's `args:` or `vessa serve` flags) configure both deployments; anything
+not given comes from `VESSA_` environment variables (e.g. `VESSA_API_TOKEN`) or the defaults.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from assistant_server.api import ApiSettings, VessaIngress
+from assistant_server.deployment import AssistantSettings, VessaAssistant
+
+
+def build_app(args: dict | None = None) -> Application:
+    args = dict(args or {})
+    api_keys = set(ApiSettings.model_fields)
+    assistant_keys = set(AssistantSettings.model_fields)
+    unknown = set(args) - api_keys - assistant_keys
+    if unknown:
+        raise ValueError(
+            f"unknown application args {sorted(unknown)}; known: {sorted(api_keys | assistant_keys)}"
+        )
+    api = ApiSettings(**{k: v for k, v in args.items() if k in api_keys})
+    assistant_args = {k: v for k, v in args.items() if k in assistant_keys}
+    # Validate here, in the process that builds the app, so a typo fails before any replica starts.
+    AssistantSettings(**assistant_args)
+    return VessaIngress.bind(VessaAssistant.bind(assistant_args), api.model_dump(mode="json"))

@@ -1,0 +1,432 @@
+"""The one inference entry point of the assistant, used by the server, the dispatcher, tests and benchmarks.
+
+    slices (image and/or content hash, optional student probabilities) + class subset
+        → per slice: label map, per-class confidence, optionally per-class probabilities.
+
+Batched and device-agnostic (bf16 autocast on a GPU). The encoder runs only for slices the embedding
+cache has not seen; a slice sent by hash alone that the cache does not know comes back as a miss, and
+the caller resends it with its pixels. Encoder and decoder time are counted separately in `stats()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from assistant_server.bank import TemplateBank, global_descriptor
+from assistant_server.checkpoint import build_model, load_checkpoint
+from assistant_server.embedding_cache import EmbeddingCache
+from assistant_server.modeling.foundation import IMAGE_SIZE, module_state_hash
+from assistant_server.modeling.structured_prompts import (
+    BOX_BOTTOM_RIGHT,
+    BOX_TOP_LEFT,
+    NEGATIVE,
+    POSITIVE,
+    SparsePrompts,
+)
+from assistant_server.modeling.vessa import VessaConfig, VessaModel, combine_classes
+from assistant_server.preprocess import encoder_input, resize_probs, restore_size
+from shared.data.types import ClassInfo
+from shared.hashing import slice_hash
+
+
+class AssistantInputError(ValueError):
+    """A request the assistant cannot answer as asked: the message says what was wrong."""
+
+
+class BankVersionError(AssistantInputError):
+    """The request pins a bank version that is not the one being served."""
+
+
+@dataclass
+class SliceInput:
+    """One slice to pseudo-label. image: (H, W) numeric or None when sent by `slice_hash` alone;
+    student_probs: (C, H', W') float in [0, 1] (any size, resized to the slice) or None."""
+
+    image: np.ndarray | None = None
+    slice_hash: str | None = None
+    student_probs: np.ndarray | None = None
+
+
+@dataclass
+class SliceOutput:
+    """status "ok" or "miss" (hash unknown: resend the image). label: (H, W) uint8; confidence: (C,)
+    float32 per class, background first, NaN for classes not asked for; probs: (C, H, W) float16."""
+
+    status: str
+    slice_hash: str
+    label: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+    probs: np.ndarray | None = None
+
+
+@dataclass
+class _BankState:
+    version: int
+    keys: torch.Tensor  # (N, D, G, G)
+    label_grid: torch.Tensor  # (N, C, G, G)
+    descriptors: torch.Tensor  # (N, 4096)
+    text: torch.Tensor  # (C, 384)
+    patients: list[str] = field(default_factory=list)
+
+
+class Assistant:
+    def __init__(
+        self,
+        model: VessaModel,
+        bank: TemplateBank,
+        classes: list[ClassInfo] | None = None,
+        device: str | torch.device | None = None,
+        cache: EmbeddingCache | None = None,
+        model_version: str = "untrained",
+        encode_batch: int = 32,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        self.model.requires_grad_(False)
+        self.bank = bank
+        self.classes = classes or bank.classes
+        self.encoder_id = module_state_hash(self.model.image_encoder)
+        bank.check_compatible(self.classes, self.encoder_id)
+        self.cache = cache or EmbeddingCache(self.device)
+        self.model_version = model_version
+        self.encode_batch = encode_batch
+        self.num_templates = model.config.num_templates
+        self._bank_state: _BankState | None = None
+        self._lock = threading.Lock()
+        self._stats = {
+            "slices": 0,
+            "batches": 0,
+            "encoded": 0,
+            "encoder_s": 0.0,
+            "decoder_s": 0.0,
+            "misses": 0,
+        }
+
+    # ------------------------------------------------------------------------------------------ build
+    @classmethod
+    def from_files(
+        cls,
+        ckpt: str | Path | None,
+        bank_dir: str | Path,
+        device: str | None = None,
+        encoder: str = "litemedsam",
+        cache_device_entries: int = 4096,
+        cache_host_entries: int = 16384,
+        cache_store: str | Path | None = None,
+        encode_batch: int = 32,
+    ) -> Assistant:
+        """ckpt: a checkpoint path; "pretrained" (LiteMedSAM weights, new parts untrained) or "random"
+        (random weights: for tests and benchmarks, where speed does not depend on weight values)."""
+        bank = TemplateBank(bank_dir)
+        if ckpt in (None, "", "pretrained", "random"):
+            model = build_model(VessaConfig(encoder=encoder), pretrained=(ckpt != "random"))
+            classes, version = bank.classes, f"{encoder}-{ckpt or 'pretrained'}"
+        else:
+            model, payload = load_checkpoint(ckpt)
+            classes = payload["classes"]
+            version = f"{Path(ckpt).name}@{payload['step']}:{payload['weight_hashes']['state'][:12]}"
+        device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cache = EmbeddingCache(device_t, cache_device_entries, cache_host_entries, cache_store)
+        return cls(model, bank, classes, device_t, cache, version, encode_batch)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def bank_state(self) -> _BankState:
+        """Template keys and label grids on the device, recomputed when the bank's version changes."""
+        self.bank.refresh()
+        state = self._bank_state
+        if state is not None and state.version == self.bank.version:
+            return state
+        self.bank.check_compatible(self.classes, self.encoder_id)
+        t = self.bank.tensors()
+        keys, grids = [], []
+        num_classes = len(self.classes)
+        with torch.inference_mode(), self._autocast():
+            for i in range(0, t["embedding"].shape[0], 64):
+                emb = t["embedding"][i : i + 64].to(self.device, torch.float32)
+                keys.append(self.model.template_keys(emb).float())
+                onehot = F.one_hot(t["label"][i : i + 64].to(self.device).long(), num_classes)
+                grids.append(self.model.matcher.label_grid(onehot.permute(0, 3, 1, 2).float()))
+        g = self.model.config.grid
+        state = _BankState(
+            version=self.bank.version,
+            keys=torch.cat(keys)
+            if keys
+            else torch.zeros(0, self.model.config.key_dim, g, g, device=self.device),
+            label_grid=torch.cat(grids) if grids else torch.zeros(0, num_classes, g, g, device=self.device),
+            descriptors=t["descriptor"].to(self.device),
+            text=self.bank.text.to(self.device),
+            patients=self.bank.patient_ids(),
+        )
+        self._bank_state = state
+        return state
+
+    def _check_class_ids(self, class_ids: list[int] | None) -> list[int]:
+        names = {c.index: c.name for c in self.classes}
+        if class_ids is None:
+            return sorted(i for i in names if i != 0)
+        ids = sorted(set(int(c) for c in class_ids))
+        if not ids:
+            raise AssistantInputError("the class subset is empty")
+        unknown = [c for c in ids if c not in names or c == 0]
+        if unknown:
+            raise AssistantInputError(
+                f"unknown class {unknown}: this assistant segments {[(i, n) for i, n in names.items() if i]}"
+            )
+        return ids
+
+    def class_index(self, name_or_index: str | int) -> int:
+        for c in self.classes:
+            if str(c.index) == str(name_or_index) or c.name.lower() == str(name_or_index).lower():
+                return c.index
+        raise AssistantInputError(f"unknown class {name_or_index!r}: known {[c.name for c in self.classes]}")
+
+    # ------------------------------------------------------------------------------------------ encode
+    def embeddings(
+        self, slices: list[SliceInput]
+    ) -> tuple[list[str], list[torch.Tensor | None], list[tuple[int, int] | None]]:
+        """Per slice: its hash, its cached or fresh embedding (256, 64, 64) or None on a miss, its size."""
+        hashes: list[str] = []
+        found: list[torch.Tensor | None] = []
+        shapes: list[tuple[int, int] | None] = []
+        to_encode: list[int] = []
+        for i, s in enumerate(slices):
+            if s.image is not None:
+                key = s.slice_hash or slice_hash(s.image)
+            elif s.slice_hash:
+                key = s.slice_hash
+            else:
+                raise AssistantInputError(f"slice {i} has neither an image nor a hash")
+            hashes.append(key)
+            entry = self.cache.get(key)
+            if entry is None and s.image is not None:
+                to_encode.append(i)
+                found.append(None)
+                shapes.append(tuple(s.image.shape))
+            else:
+                found.append(entry.embedding if entry else None)
+                shapes.append(entry.shape if entry else None)
+        if to_encode:
+            self._sync()
+            t0 = time.perf_counter()
+            for start in range(0, len(to_encode), self.encode_batch):
+                chunk = to_encode[start : start + self.encode_batch]
+                x = encoder_input([slices[i].image for i in chunk], self.device)
+                with torch.inference_mode(), self._autocast():
+                    emb = self.model.encode(x)
+                for j, i in enumerate(chunk):
+                    self.cache.put(hashes[i], emb[j], shapes[i])
+                    found[i] = emb[j].to(self.cache.dtype)
+            self._sync()
+            with self._lock:
+                self._stats["encoder_s"] += time.perf_counter() - t0
+                self._stats["encoded"] += len(to_encode)
+        return hashes, found, shapes
+
+    # ------------------------------------------------------------------------------------------ predict
+    def predict(
+        self,
+        slices: list[SliceInput],
+        class_ids: list[int] | None = None,
+        return_probs: bool = False,
+        bank_version: int | None = None,
+    ) -> list[SliceOutput]:
+        """Pseudo-label a batch of slices; see the module docstring."""
+        ids = self._check_class_ids(class_ids)
+        state = self.bank_state()
+        if bank_version is not None and int(bank_version) != state.version:
+            raise BankVersionError(
+                f"bank version {bank_version} does not exist any more: this assistant serves version {state.version}"
+            )
+        if len(state.keys) == 0:
+            raise AssistantInputError("the template bank is empty: add templates first")
+        num_classes = len(self.classes)
+        for i, s in enumerate(slices):
+            if s.student_probs is not None and (
+                s.student_probs.ndim != 3 or s.student_probs.shape[0] != num_classes
+            ):
+                raise AssistantInputError(
+                    f"slice {i}: student probabilities must have shape (C={num_classes}, H, W), got {tuple(s.student_probs.shape)}"
+                )
+        hashes, embs, shapes = self.embeddings(slices)
+        outputs: list[SliceOutput | None] = [None] * len(slices)
+        for i, e in enumerate(embs):
+            if e is None:
+                outputs[i] = SliceOutput(status="miss", slice_hash=hashes[i])
+        with self._lock:
+            self._stats["misses"] += sum(e is None for e in embs)
+
+        # Slices with and without student prompts go through the decoder as two groups.
+        groups = [
+            [i for i, e in enumerate(embs) if e is not None and slices[i].student_probs is None],
+            [i for i, e in enumerate(embs) if e is not None and slices[i].student_probs is not None],
+        ]
+        self._sync()
+        t0 = time.perf_counter()
+        for group in groups:
+            if not group:
+                continue
+            emb = torch.stack([embs[i] for i in group])
+            student = None
+            if slices[group[0]].student_probs is not None:
+                student = torch.stack(
+                    [
+                        resize_probs(
+                            torch.as_tensor(np.asarray(slices[i].student_probs, np.float32))[None].to(
+                                self.device
+                            )
+                        )[0]
+                        for i in group
+                    ]
+                )
+            probs, conf = self._decode(emb, state, ids, student)
+            for j, i in enumerate(group):
+                outputs[i] = self._finish(
+                    hashes[i], shapes[i], probs[j], conf[j], ids, num_classes, return_probs
+                )
+        self._sync()
+        with self._lock:
+            self._stats["decoder_s"] += time.perf_counter() - t0
+            self._stats["slices"] += len(slices)
+            self._stats["batches"] += 1
+        return outputs  # type: ignore[return-value]
+
+    def _decode(
+        self, emb: torch.Tensor, state: _BankState, ids: list[int], student: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """emb: (B, 256, 64, 64) → probs (B, 1+M, 256, 256) over background + ids, confidence (B, M)."""
+        with torch.inference_mode(), self._autocast():
+            emb = emb.to(torch.float32) if self.device.type == "cpu" else emb
+            idx = self._retrieve(global_descriptor(emb), state)
+            out = self.model(
+                query_embeddings=emb,
+                template_keys=state.keys[idx],
+                template_labels=state.label_grid[idx],
+                text_embeddings=state.text,
+                class_ids=ids,
+                student_probs=student,
+            )
+        return combine_classes(out.logits.float()), out.confidence.float()
+
+    def _retrieve(self, descriptors: torch.Tensor, state: _BankState) -> torch.Tensor:
+        sim = descriptors.float() @ state.descriptors.float().T
+        k = min(self.num_templates, sim.shape[1])
+        idx = sim.topk(k, dim=1).indices
+        if k < self.num_templates:
+            idx = idx[:, torch.arange(self.num_templates, device=idx.device) % k]
+        return idx
+
+    def _finish(
+        self,
+        key: str,
+        shape: tuple[int, int],
+        probs: torch.Tensor,
+        conf: torch.Tensor,
+        ids: list[int],
+        num_classes: int,
+        return_probs: bool,
+    ) -> SliceOutput:
+        """probs: (1+M, 256, 256) → the slice's label map at its own size, confidence per class."""
+        full = restore_size(probs, shape)  # (1+M, H, W)
+        arg = full.argmax(dim=0)
+        lut = torch.tensor([0, *ids], device=arg.device, dtype=torch.uint8)
+        label = lut[arg].cpu().numpy()
+        confidence = np.full(num_classes, math.nan, dtype=np.float32)
+        bg = arg == 0
+        confidence[0] = float(full[0][bg].mean()) if bool(bg.any()) else 0.0
+        confidence[ids] = conf.cpu().numpy()
+        out_probs = None
+        if return_probs:
+            out_probs = np.zeros((num_classes, *shape), dtype=np.float16)
+            out_probs[[0, *ids]] = full.cpu().numpy().astype(np.float16)
+        return SliceOutput(status="ok", slice_hash=key, label=label, confidence=confidence, probs=out_probs)
+
+    # ------------------------------------------------------------------------------------------ segment
+    def segment(
+        self,
+        image: np.ndarray,
+        class_id: int,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """Prompt-to-mask for one (H, W) image and one class.
+
+        points: (P, 2) x, y in the image's pixels with point_labels (P,) 1 positive / 0 negative;
+        box: (4,) x0, y0, x1, y1 in pixels; mask: (H, W) probabilities in [0, 1]. Prompts that are not
+        given are derived from the templates. Returns the (H, W) bool mask and its confidence.
+        """
+        ids = self._check_class_ids([class_id])
+        state = self.bank_state()
+        if len(state.keys) == 0:
+            raise AssistantInputError("the template bank is empty: add templates first")
+        h, w = image.shape
+        sx, sy = IMAGE_SIZE / w, IMAGE_SIZE / h
+        coords, labels = [], []
+        if box is not None:
+            x0, y0, x1, y1 = [float(v) for v in box]
+            coords += [[x0 * sx, y0 * sy], [x1 * sx, y1 * sy]]
+            labels += [BOX_TOP_LEFT, BOX_BOTTOM_RIGHT]
+        if points is not None:
+            for (x, y), lab in zip(
+                points, point_labels if point_labels is not None else np.ones(len(points))
+            ):
+                coords.append([float(x) * sx, float(y) * sy])
+                labels.append(POSITIVE if int(lab) == 1 else NEGATIVE)
+        sparse = None
+        if coords:
+            sparse = SparsePrompts(
+                torch.tensor([coords], dtype=torch.float32, device=self.device),
+                torch.tensor([labels], dtype=torch.long, device=self.device),
+            )
+        mask_prompt = None
+        if mask is not None:
+            mask_prompt = resize_probs(
+                torch.as_tensor(mask, dtype=torch.float32, device=self.device)[None, None]
+            )
+        hashes, embs, _ = self.embeddings([SliceInput(image=image)])
+        t0 = time.perf_counter()
+        with torch.inference_mode(), self._autocast():
+            emb = embs[0][None].to(torch.float32) if self.device.type == "cpu" else embs[0][None]
+            idx = self._retrieve(global_descriptor(emb), state)
+            out = self.model(
+                query_embeddings=emb,
+                template_keys=state.keys[idx],
+                template_labels=state.label_grid[idx],
+                text_embeddings=state.text,
+                class_ids=ids,
+                sparse_prompts=sparse,
+                mask_prompt=mask_prompt,
+            )
+        logits = restore_size(out.logits[0].float(), (h, w))[0]
+        with self._lock:
+            self._stats["decoder_s"] += time.perf_counter() - t0
+        return (logits > 0).cpu().numpy(), float(out.confidence[0, 0])
+
+    # ------------------------------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        with self._lock:
+            s = dict(self._stats)
+        s["cache"] = self.cache.stats()
+        s["bank_version"] = self.bank.version
+        s["device"] = str(self.device)
+        s["model_version"] = self.model_version
+        return s

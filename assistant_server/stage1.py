@@ -1,0 +1,235 @@
+"""Stage-1 training: the assistant learns reference-guided segmentation on the labeled exemplars alone.
+
+Episodic: each query is a labeled exemplar, its K templates are retrieved from *other* patients'
+exemplars (never its own, so it cannot copy its own label), with some randomness among the nearest 2K.
+Half the episodes carry a simulated student mask as the dense prompt (simulated_student.py), the others
+prompt with templates only; box, points, mask and text prompts are dropped at random. The encoder is
+frozen, so episodes run on the bank's cached embeddings: one encoder pass per exemplar, ever.
+Loss: multi-class cross-entropy over [background, classes] + soft Dice + MSE of the predicted IoU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm import tqdm
+
+from assistant_server.bank import TemplateBank
+from assistant_server.checkpoint import build_model, read_checkpoint, save_checkpoint
+from assistant_server.modeling.foundation import module_state_hash
+from assistant_server.modeling.vessa import PromptDropout, VessaConfig, VessaModel
+from assistant_server.simulated_student import simulate_student
+from shared.config import VessaSettings, save_resolved, settings_dict
+
+
+class Stage1Settings(VessaSettings):
+    """`vessa assistant train` settings (YAML keys, `VESSA_` env vars, or flags)."""
+
+    bank: Path = Field(description="template bank directory (vessa bank build)")
+    out: Path = Field(description="checkpoint file to write; latest/TensorBoard/config go beside it")
+    steps: int = 3000
+    batch_size: int = 8
+    lr: float = 1e-4  # pretrained parts: prompt encoder and mask decoder
+    lr_new: float = 1e-3  # new parts: matcher, semantic tokens, dense cues
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    num_templates: int = 4
+    p_student: float = 0.5
+    drop_box: float = 0.2
+    drop_points: float = 0.3
+    drop_mask: float = 0.2
+    drop_text: float = 0.1
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    encoder: str = "litemedsam"
+    use_text_tokens: bool = True
+    use_label_transfer: bool = True
+    use_iou_head: bool = True
+    seed: int = 0
+    device: str | None = None
+    save_every: int = 250
+    log_every: int = 10
+    resume: bool = False
+    threads: int | None = None
+
+
+def _loss(
+    logits: torch.Tensor, iou: torch.Tensor, labels: torch.Tensor, s: Stage1Settings
+) -> dict[str, torch.Tensor]:
+    """logits: (B, M, H, W) for classes 1..M; iou: (B, M); labels: (B, H, W) long."""
+    b, m, h, w = logits.shape
+    full = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1).float()
+    ce = F.cross_entropy(full, labels)
+    probs = torch.softmax(full, dim=1)[:, 1:]
+    onehot = F.one_hot(labels, m + 1).permute(0, 3, 1, 2)[:, 1:].float()
+    inter = (probs * onehot).sum((0, 2, 3))
+    dice = 1 - ((2 * inter + 1) / (probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)).mean()
+    with torch.no_grad():
+        pred = logits > 0
+        gt = onehot > 0.5
+        union = (pred | gt).sum((2, 3)).float()
+        target = torch.where(
+            union > 0, (pred & gt).sum((2, 3)).float() / union.clamp_min(1), torch.ones_like(union)
+        )
+    iou_mse = F.mse_loss(iou.float(), target)
+    total = s.ce_weight * ce + s.dice_weight * dice + (s.iou_weight * iou_mse if s.use_iou_head else 0.0)
+    return {"loss": total, "ce": ce, "dice": dice, "iou_mse": iou_mse}
+
+
+def _candidates(descriptors: torch.Tensor, patients: list[str], k: int) -> torch.Tensor:
+    """For each exemplar, the 2k nearest exemplars of other patients, (N, 2k) indices."""
+    sim = descriptors @ descriptors.T
+    same = torch.tensor([[p == q for q in patients] for p in patients], dtype=torch.bool)
+    sim = sim.masked_fill(same, -2.0)
+    others = (~same).sum(1).min().item()
+    if others == 0:
+        raise ValueError("Stage-1 training needs labeled exemplars from at least two patients")
+    kk = min(2 * k, int(others))
+    return sim.topk(kk, dim=1).indices
+
+
+def train_stage1(s: Stage1Settings) -> Path:
+    """Run (or resume) Stage-1 training; returns the final checkpoint path."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bank = TemplateBank(s.bank)
+    t = bank.tensors()
+    if len(bank) < 2:
+        raise ValueError(f"bank {s.bank} holds {len(bank)} exemplars; Stage-1 training needs more")
+    config = VessaConfig(
+        encoder=s.encoder,
+        num_templates=s.num_templates,
+        use_text_tokens=s.use_text_tokens,
+        use_label_transfer=s.use_label_transfer,
+        use_iou_head=s.use_iou_head,
+    )
+    pretrained = s.encoder == "litemedsam"
+    model = build_model(config, pretrained=pretrained, seed=s.seed)
+    bank.check_compatible(bank.classes, module_state_hash(model.image_encoder))
+    model.to(device)
+    model.image_encoder.requires_grad_(False)
+    model.image_encoder.eval()
+
+    out = Path(s.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    latest = out.with_name(out.stem + ".latest.pt")
+    save_resolved(s, out.parent, name=f"{out.stem}.config.resolved.yaml")
+
+    pretrained_params = [
+        p for n, p in model.named_parameters() if n.startswith(("prompt_encoder.", "mask_decoder."))
+    ]
+    new_params = [
+        p
+        for n, p in model.named_parameters()
+        if not n.startswith(("prompt_encoder.", "mask_decoder.", "image_encoder."))
+    ]
+    opt = torch.optim.AdamW(
+        [{"params": pretrained_params, "lr": s.lr}, {"params": new_params, "lr": s.lr_new}],
+        weight_decay=s.weight_decay,
+    )
+    start = 0
+    if s.resume and latest.exists():
+        payload = read_checkpoint(latest)
+        model.load_state_dict(payload["model"], strict=False)
+        opt.load_state_dict(payload["optimizer"])
+        start = int(payload["step"])
+        print(f"resumed from {latest} at step {start}")
+
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    num_classes = len(bank.classes)
+    class_ids = list(range(1, num_classes))
+    # On a GPU the bank's embeddings live on the device; on the CPU they stay float16 until used.
+    emb_all = t["embedding"].to(device)
+    labels_all = t["label"].to(device).long()
+    text = bank.text.to(device)
+    cands = _candidates(t["descriptor"].float(), bank.patient_ids(), s.num_templates).to(device)
+    has_fg = (labels_all.flatten(1) > 0).any(1)
+    fg_idx = torch.nonzero(has_fg).flatten()
+    dropout = PromptDropout(s.drop_box, s.drop_points, s.drop_mask, s.drop_text)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out.parent / "tb" / out.stem))
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    model.train()
+    model.image_encoder.eval()
+    bar = tqdm(
+        range(start, s.steps), initial=start, total=s.steps, desc="stage-1", unit="step", dynamic_ncols=True
+    )
+    t0 = time.perf_counter()
+    for step in bar:
+        # Every random choice of a step derives from (seed, step): a resumed run repeats it exactly.
+        g = torch.Generator(device="cpu").manual_seed(s.seed * 1_000_003 + step)
+        torch.manual_seed(s.seed * 1_000_003 + step)
+        lr_scale = (
+            min(1.0, (step + 1) / max(1, s.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * step / s.steps))
+        )
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * lr_scale
+        pool = (
+            fg_idx
+            if (len(fg_idx) and float(torch.rand((), generator=g)) < 0.9)
+            else torch.arange(len(bank), device=device)
+        )
+        qi = pool[torch.randint(len(pool), (s.batch_size,), generator=g).to(pool.device)]
+        pick = torch.stack(
+            [torch.randperm(cands.shape[1], generator=g)[: s.num_templates] for _ in range(s.batch_size)]
+        )
+        ti = torch.gather(cands[qi], 1, pick.to(device) % cands.shape[1])  # (B, K)
+        labels = labels_all[qi]
+        with amp:
+            tk = model.template_keys(emb_all[ti.flatten()].float())
+            tk = tk.reshape(s.batch_size, s.num_templates, *tk.shape[1:])
+            onehot = F.one_hot(labels_all[ti.flatten()], num_classes).permute(0, 3, 1, 2).float()
+            tl = model.matcher.label_grid(onehot).reshape(
+                s.batch_size, s.num_templates, num_classes, *tk.shape[-2:]
+            )
+            student = None
+            if float(torch.rand((), generator=g)) < s.p_student:
+                student = simulate_student(labels, num_classes, g)
+            outp = model(emb_all[qi].float(), tk, tl, text, class_ids, student_probs=student, dropout=dropout)
+            losses = _loss(outp.logits, outp.iou, labels, s)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        if step % s.log_every == 0 or step == s.steps - 1:
+            vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+            for k, v in vals.items():
+                writer.add_scalar(f"stage1/{k}", v, step)
+            writer.add_scalar("stage1/lr", opt.param_groups[0]["lr"], step)
+            rate = (step + 1 - start) / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{vals['loss']:.3f}", dice=f"{vals['dice']:.3f}", it_s=f"{rate:.2f}")
+        if (step + 1) % s.save_every == 0 and step + 1 < s.steps:
+            _save(latest, model, bank, s, step + 1, pretrained, opt)
+    writer.close()
+    _save(latest, model, bank, s, s.steps, pretrained, opt)
+    return _save(out, model, bank, s, s.steps, pretrained, None)
+
+
+def _save(
+    path: Path, model: VessaModel, bank: TemplateBank, s: Stage1Settings, step: int, pretrained: bool, opt
+) -> Path:
+    train_config = settings_dict(s)
+    train_config["bank_path"] = str(Path(s.bank).resolve())
+    return save_checkpoint(
+        path,
+        model,
+        bank.classes,
+        train_config,
+        bank.version,
+        step,
+        pretrained_encoder=pretrained,
+        optimizer_state=opt.state_dict() if opt is not None else None,
+    )
