@@ -66,6 +66,9 @@ class GuardMiddleware:
         max_bytes = int(RUNTIME.settings.max_upload_mb * 1024 * 1024)
         headers = dict(scope.get("headers") or [])
         path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
         if token is not None and path not in OPEN_PATHS:
             auth = headers.get(b"authorization", b"")
             given = auth[7:] if auth[:7].lower() == b"bearer " else b""

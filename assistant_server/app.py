@@ -13,8 +13,11 @@ from assistant_server.api import ApiSettings, VessaIngress
 from assistant_server.deployment import AssistantSettings, VessaAssistant
 
 
-def build_app(args: dict | None = None) -> Application:
+def build_app(args: dict | None = None, deployments: dict[str, dict] | None = None) -> Application:
+    """args: application args (ApiSettings and AssistantSettings keys); deployments: per-deployment
+    Serve options ({"VessaAssistant": {"num_replicas": 2, ...}}) as in a Serve config file."""
     args = dict(args or {})
+    deployments = deployments or {}
     api_keys = set(ApiSettings.model_fields)
     assistant_keys = set(AssistantSettings.model_fields)
     unknown = set(args) - api_keys - assistant_keys
@@ -26,4 +29,14 @@ def build_app(args: dict | None = None) -> Application:
     assistant_args = {k: v for k, v in args.items() if k in assistant_keys}
     # Validate here, in the process that builds the app, so a typo fails before any replica starts.
     AssistantSettings(**assistant_args)
-    return VessaIngress.bind(VessaAssistant.bind(assistant_args), api.model_dump(mode="json"))
+    assistant = (
+        VessaAssistant.options(**deployments.get("VessaAssistant", {}))
+        if deployments.get("VessaAssistant")
+        else VessaAssistant
+    )
+    ingress = (
+        VessaIngress.options(**deployments.get("VessaIngress", {}))
+        if deployments.get("VessaIngress")
+        else VessaIngress
+    )
+    return ingress.bind(assistant.bind(assistant_args), api.model_dump(mode="json"))

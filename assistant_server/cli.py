@@ -1,0 +1,167 @@
+"""`vessa bank …` and `vessa assistant …` commands. Heavy imports stay inside the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+bank_app = typer.Typer(
+    help="Template banks: build from a dataset's labeled cases, list, remove exemplars.", no_args_is_help=True
+)
+assistant_app = typer.Typer(
+    help="The VESSA assistant: Stage-1 training, evaluation, embedding caches.", no_args_is_help=True
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bank_app, name="bank")
+    app.add_typer(assistant_app, name="assistant")
+
+
+@bank_app.command("build")
+def bank_build(
+    data: Path = typer.Option(
+        ..., "--data", help="dataset directory (SSL4MIS HDF5, MSD NIfTI or prepared cache)"
+    ),
+    labeled: int = typer.Option(
+        ..., "--labeled", help="number of labeled patients (the first N, protocol order)"
+    ),
+    out: Path = typer.Option(..., "--out", help="bank directory to create"),
+    encoder: str = typer.Option("litemedsam", help="litemedsam (pretrained) or tiny (tests only)"),
+    device: str | None = typer.Option(None, help="cpu, cuda, … (default: cuda if available)"),
+    batch_size: int = typer.Option(8, help="slices per encoder batch"),
+):
+    """Build a template bank: every slice of the first N patients becomes an exemplar (text embedded once)."""
+    from assistant_server.bank_builder import build_bank
+
+    bank = build_bank(data, labeled, out, encoder=encoder, device=device, batch_size=batch_size)
+    typer.echo(
+        f"bank {out}: version {bank.version}, {len(bank)} exemplars from {len(set(bank.patient_ids()))} patients, classes {[c.name for c in bank.classes]}"
+    )
+
+
+@bank_app.command("list")
+def bank_list(
+    bank: Path = typer.Argument(..., help="bank directory"), as_json: bool = typer.Option(False, "--json")
+):
+    """Version, classes and exemplars of a bank."""
+    from assistant_server.bank import TemplateBank
+
+    b = TemplateBank(bank)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "version": b.version,
+                    "classes": [c.__dict__ for c in b.classes],
+                    "exemplars": [e.__dict__ for e in b.exemplars],
+                },
+                indent=1,
+            )
+        )
+        return
+    typer.echo(f"version {b.version}; classes {[(c.index, c.name) for c in b.classes]}; {len(b)} exemplars")
+    for e in b.exemplars:
+        typer.echo(
+            f"  {e.id}  patient={e.patient_id} case={e.case_id} slice={e.slice_index} {e.height}x{e.width}"
+        )
+
+
+@bank_app.command("remove")
+def bank_remove(bank: Path = typer.Argument(...), ids: list[str] = typer.Argument(..., help="exemplar ids")):
+    """Remove exemplars; prints the new version."""
+    from assistant_server.bank import TemplateBank
+
+    typer.echo(f"version {TemplateBank(bank).remove(ids)}")
+
+
+@assistant_app.command("train")
+def assistant_train(
+    bank: Path | None = typer.Option(None, "--bank", help="template bank (vessa bank build)"),
+    out: Path | None = typer.Option(None, "--out", help="checkpoint file to write"),
+    config: Path | None = typer.Option(None, "--config", help="YAML with Stage1Settings keys"),
+    steps: int | None = typer.Option(None, help="training steps"),
+    batch_size: int | None = typer.Option(None, help="queries per step"),
+    encoder: str | None = typer.Option(None, help="litemedsam or tiny"),
+    device: str | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    resume: bool = typer.Option(False, "--resume", help="continue from <out>.latest.pt"),
+    no_text: bool = typer.Option(False, "--no-text-tokens", help="ablation: without text tokens"),
+    no_transfer: bool = typer.Option(False, "--no-label-transfer", help="ablation: without label transfer"),
+    no_iou: bool = typer.Option(False, "--no-iou-head", help="ablation: without the IoU head"),
+    show_config: bool = typer.Option(False, "--show-config", help="print the resolved config and exit"),
+):
+    """Stage-1 episodic training on the bank's labeled exemplars (templates from other patients)."""
+    from assistant_server.stage1 import Stage1Settings, train_stage1
+    from shared.config import dump_yaml, load_settings
+
+    s = load_settings(
+        Stage1Settings,
+        config,
+        bank=bank,
+        out=out,
+        steps=steps,
+        batch_size=batch_size,
+        encoder=encoder,
+        device=device,
+        seed=seed,
+        resume=resume or None,
+        use_text_tokens=False if no_text else None,
+        use_label_transfer=False if no_transfer else None,
+        use_iou_head=False if no_iou else None,
+    )
+    if show_config:
+        typer.echo(dump_yaml(s))
+        return
+    path = train_stage1(s)
+    typer.echo(f"checkpoint: {path}")
+
+
+@assistant_app.command("eval")
+def assistant_eval(
+    ckpt: str = typer.Option(..., "--ckpt", help="checkpoint, or 'pretrained' for the untrained assistant"),
+    data: Path = typer.Option(..., "--data", help="dataset with validation (or test) volumes"),
+    split: str = typer.Option("val", help="val or test"),
+    bank: Path | None = typer.Option(
+        None, "--bank", help="template bank (default: the one the checkpoint was trained on)"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="directory for metrics.json (and the resolved config)"
+    ),
+    device: str | None = typer.Option(None),
+    limit: int | None = typer.Option(None, help="evaluate only the first N volumes"),
+    seed: int = typer.Option(0, help="seed of the simulated noisy student"),
+    embed_store: Path | None = typer.Option(None, help="directory persisting encoder embeddings across runs"),
+):
+    """Per-volume, per-class Dice/Jaccard/HD95/ASD for prompting modes and baselines (JSON + table)."""
+    from assistant_server.evaluate import EvalSettings, evaluate_assistant
+
+    s = EvalSettings(
+        ckpt=ckpt,
+        data=data,
+        split=split,
+        bank=bank,
+        out=out,
+        device=device,
+        limit=limit,
+        seed=seed,
+        embed_store=embed_store,
+    )
+    report = evaluate_assistant(s)
+    typer.echo(report["table"])
+
+
+@assistant_app.command("embed")
+def assistant_embed(
+    data: Path = typer.Option(..., "--data"),
+    store: Path = typer.Option(..., "--store", help="embedding store directory"),
+    device: str | None = typer.Option(None),
+    batch_size: int = typer.Option(8),
+):
+    """Compute and persist the encoder embeddings of a dataset's canonical training slices (CPU runs)."""
+    from assistant_server.evaluate import embed_dataset
+
+    n = embed_dataset(data, store, device=device, batch_size=batch_size)
+    typer.echo(f"{n} embeddings in {store}")

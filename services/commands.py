@@ -1,0 +1,196 @@
+"""`vessa serve`, `vessa dispatcher`, `vessa redis`: the long-running processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+import yaml
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_cmd)
+    app.command("dispatcher")(dispatcher_cmd)
+    app.command("redis")(redis_cmd)
+
+
+def load_serve_config(path: Path | None) -> dict:
+    """The Serve config file (deploy/*.yaml) as a dict; its `vessa` application is what we deploy."""
+    if path is None:
+        path = Path(__file__).resolve().parent.parent / "deploy" / "serve_cpu.yaml"
+    if not path.is_file():
+        raise typer.BadParameter(f"Serve config not found: {path}")
+    return yaml.safe_load(path.read_text())
+
+
+def application_options(
+    config: dict, overrides: dict, replicas: int | None, gpus: float | None
+) -> tuple[dict, dict, dict]:
+    """(args, deployment options, http options) from a Serve config plus CLI overrides."""
+    apps = config.get("applications") or []
+    app_cfg = next((a for a in apps if a.get("name") == "vessa"), apps[0] if apps else {})
+    args = dict(app_cfg.get("args") or {})
+    args.update({k: v for k, v in overrides.items() if v is not None})
+    deployments = {}
+    for d in app_cfg.get("deployments") or []:
+        opts = {k: v for k, v in d.items() if k != "name"}
+        deployments[d["name"]] = opts
+    assistant = deployments.setdefault("VessaAssistant", {})
+    if replicas is not None:
+        assistant.pop("autoscaling_config", None)
+        assistant["num_replicas"] = replicas
+    if gpus is not None:
+        assistant.setdefault("ray_actor_options", {})["num_gpus"] = gpus
+    return args, deployments, dict(config.get("http_options") or {})
+
+
+def serve_cmd(
+    ckpt: str | None = typer.Option(None, "--ckpt", help="assistant checkpoint, 'pretrained' or 'random'"),
+    bank: Path | None = typer.Option(None, "--bank", help="template bank directory"),
+    config: Path | None = typer.Option(None, "--config", help="Serve config (default deploy/serve_cpu.yaml)"),
+    replicas: int | None = typer.Option(
+        None, "--replicas", help="fixed assistant replica count (overrides autoscaling)"
+    ),
+    gpus_per_replica: float | None = typer.Option(
+        None, "--gpus-per-replica", help="GPU share of each replica (e.g. 0.5)"
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="join this Ray cluster (default: start a local one)"
+    ),
+    host: str | None = typer.Option(None, help="HTTP host (default from the config)"),
+    port: int | None = typer.Option(None, help="HTTP port (default from the config)"),
+    encoder: str | None = typer.Option(None, help="litemedsam or tiny"),
+    device: str | None = typer.Option(None, help="cpu or cuda"),
+    stream: bool = typer.Option(
+        False,
+        "--stream/--no-stream",
+        help="also serve the Redis path: Redis (VESSA_REDIS_URL or embedded) + a dispatcher",
+    ),
+    run_dir: Path = typer.Option(Path("runs/serve"), help="where the embedded Redis keeps its AOF"),
+    num_cpus: int | None = typer.Option(None, help="CPUs of a local Ray instance"),
+):
+    """Start (or join) Ray, deploy the VESSA Serve application, print its URL, stop cleanly on Ctrl-C."""
+    import ray
+    from ray import serve
+
+    from assistant_server.app import build_app
+
+    cfg = load_serve_config(config)
+    args, deployments, http = application_options(
+        cfg,
+        {"ckpt": ckpt, "bank": str(bank) if bank else None, "encoder": encoder, "device": device},
+        replicas,
+        gpus_per_replica,
+    )
+    if host:
+        http["host"] = host
+    if port:
+        http["port"] = port
+    http.setdefault("host", "127.0.0.1")
+    http.setdefault("port", 8000)
+    redis_server = dispatcher = None
+    if stream:
+        from services.redis_server import redis_url_or_embedded
+
+        url, redis_server = redis_url_or_embedded(run_dir)
+        args.setdefault("redis_url", url)
+    ray.init(
+        address=address,
+        num_cpus=num_cpus if address is None else None,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+    )
+    serve.start(http_options=http)
+    serve.run(build_app(args, deployments), name="vessa", route_prefix="/")
+    url = f"http://{http['host']}:{http['port']}"
+    typer.echo(f"VESSA is serving at {url}  (OpenAPI: {url}/docs)")
+    if stream:
+        gcs = ray.get_runtime_context().gcs_address
+        env = dict(os.environ, VESSA_REDIS_URL=args["redis_url"])
+        dispatcher = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "dispatcher", "--ray-address", gcs], env=env
+        )
+        typer.echo(f"Redis path: {args['redis_url']} (dispatcher pid {dispatcher.pid})")
+    stop = {"now": False}
+
+    def _stop(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"]:
+            time.sleep(0.5)
+            if dispatcher is not None and dispatcher.poll() is not None:
+                typer.echo(f"dispatcher exited with {dispatcher.returncode}; restarting it")
+                dispatcher = subprocess.Popen(dispatcher.args, env=env)
+    finally:
+        typer.echo("shutting down")
+        if dispatcher is not None and dispatcher.poll() is None:
+            dispatcher.terminate()
+            dispatcher.wait(30)
+        serve.shutdown()
+        ray.shutdown()
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def dispatcher_cmd(
+    redis_url: str | None = typer.Option(None, "--redis-url", help="default: VESSA_REDIS_URL"),
+    ray_address: str = typer.Option("auto", "--ray-address", help="the Ray cluster running the Serve app"),
+    app_name: str = typer.Option("vessa", help="Serve application name"),
+    consumer: str | None = typer.Option(None, help="consumer name in the group (default host-pid)"),
+    max_inflight: int | None = typer.Option(None, help="calls in flight to the assistant"),
+    claim_idle_ms: int | None = typer.Option(
+        None, help="reclaim entries pending on a dead consumer after this"
+    ),
+    max_attempts: int | None = typer.Option(None, help="deliveries before a request is dead-lettered"),
+):
+    """Move requests from the Redis stream to the assistant (DeploymentHandle) and results back."""
+    from services.dispatcher import DispatcherSettings, run_dispatcher
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = {
+        "redis_url": redis_url,
+        "ray_address": ray_address,
+        "app_name": app_name,
+        "consumer": consumer,
+        "max_inflight": max_inflight,
+        "claim_idle_ms": claim_idle_ms,
+        "max_attempts": max_attempts,
+    }
+    settings = DispatcherSettings(**{k: v for k, v in overrides.items() if v is not None})
+    d = asyncio.run(run_dispatcher(settings))
+    typer.echo(f"dispatcher stopped: {d.counters}")
+    # Every entry is acknowledged or left pending for another dispatcher; the Serve handle's router
+    # threads would keep the interpreter alive, so leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def redis_cmd(
+    run_dir: Path = typer.Option(Path("runs/redis"), help="directory for the AOF and the log"),
+    port: int | None = typer.Option(None, help="port (default: a free one)"),
+    maxmemory: str | None = typer.Option(None, help="e.g. 512mb (noeviction: a full Redis refuses writes)"),
+    password: str | None = typer.Option(None, envvar="VESSA_REDIS_PASSWORD"),
+):
+    """Run the embedded Redis in the foreground (prints its URL)."""
+    from services.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(run_dir, port=port, password=password, maxmemory=maxmemory).start()
+    typer.echo(f"VESSA_REDIS_URL={server.url}")
+    try:
+        while server.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()

@@ -1,0 +1,151 @@
+"""Shared fixtures: real parts, started for real.
+
+- `synth_dir`: the built-in synthetic cardiac dataset (MSD NIfTI layout), small.
+- `tiny_bank`: a template bank of its labeled cases, built with the tiny encoder (fast on CPU).
+- `serve_app`: a real local Ray instance with the VESSA Serve application on a free port.
+- `redis_server`: a real redis-server on a free port (AOF on), per test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from shared.data.synth import write_msd_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_msd_dataset(out, cases=8, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bank(synth_dir, tmp_path_factory) -> Path:
+    from assistant_server.bank_builder import build_bank
+
+    out = tmp_path_factory.mktemp("bank") / "bank"
+    build_bank(synth_dir, 3, out, encoder="tiny", device="cpu")
+    return out
+
+
+def copy_bank(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@dataclass
+class ServeApp:
+    url: str
+    gcs_address: str
+    bank: Path
+    auth_url: str
+    token: str
+
+
+SERVE_TEST_ARGS = {
+    "ckpt": "random",
+    "encoder": "tiny",
+    "device": "cpu",
+    "max_batch_slices": 16,
+    "batch_wait_timeout_s": 0.01,
+    "max_upload_mb": 8,
+    "request_timeout_s": 60,
+    "cache_device_entries": 512,
+}
+SMALL = {"ray_actor_options": {"num_cpus": 0}}
+
+
+@pytest.fixture(scope="session")
+def serve_app(tiny_bank, tmp_path_factory):
+    """One local Ray + Serve for the whole session: the app at /, a token-protected copy at /secure."""
+    import ray
+    from ray import serve
+
+    from assistant_server.app import build_app
+
+    bank = copy_bank(tiny_bank, tmp_path_factory.mktemp("served") / "bank")
+    auth_bank = copy_bank(tiny_bank, tmp_path_factory.mktemp("served_auth") / "bank")
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deployments = {"VessaAssistant": dict(SMALL), "VessaIngress": dict(SMALL)}
+    serve.run(build_app({**SERVE_TEST_ARGS, "bank": str(bank)}, deployments), name="vessa", route_prefix="/")
+    token = "test-token-" + "x" * 16
+    serve.run(
+        build_app({**SERVE_TEST_ARGS, "bank": str(auth_bank), "api_token": token}, deployments),
+        name="vessa_auth",
+        route_prefix="/secure",
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url)
+    _wait_ready(url + "/secure")
+    yield ServeApp(url, ray.get_runtime_context().gcs_address, bank, url + "/secure", token)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _wait_ready(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready within {timeout} s")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    from services.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def start_dispatcher(redis_url: str, gcs_address: str, log_path: Path, **env_overrides) -> subprocess.Popen:
+    """A real dispatcher process (`vessa dispatcher`) connected to the session's Serve app."""
+    env = dict(os.environ)
+    env.update({f"VESSA_{k.upper()}": str(v) for k, v in env_overrides.items()})
+    env["VESSA_REDIS_URL"] = redis_url
+    log = open(log_path, "ab")
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "dispatcher",
+            "--redis-url",
+            redis_url,
+            "--ray-address",
+            gcs_address,
+        ],
+        cwd=str(ROOT),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
