@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from shared.data.classes import classes_from_json, classes_to_json
 from shared.data.types import ClassInfo
 
 BANK_FORMAT = 1
@@ -68,14 +69,6 @@ def global_descriptor(embeddings: torch.Tensor) -> torch.Tensor:
     """Image embeddings (N, 256, 64, 64) → unit global descriptors (N, 256·4·4) for retrieval."""
     pooled = F.adaptive_avg_pool2d(embeddings.float(), DESCRIPTOR_GRID).flatten(1)
     return F.normalize(pooled, dim=1)
-
-
-def classes_to_json(classes: list[ClassInfo]) -> list[dict]:
-    return [asdict(c) for c in sorted(classes, key=lambda c: c.index)]
-
-
-def classes_from_json(items: list[dict]) -> list[ClassInfo]:
-    return [ClassInfo(int(c["index"]), str(c["name"]), str(c.get("description", ""))) for c in items]
 
 
 def same_class_table(a: list[ClassInfo], b: list[ClassInfo]) -> bool:

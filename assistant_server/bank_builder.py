@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from assistant_server.bank import Exemplar, TemplateBank
@@ -16,6 +15,7 @@ from assistant_server.modeling.foundation import IMAGE_SIZE, module_state_hash
 from assistant_server.modeling.vessa import VessaConfig, VessaModel
 from assistant_server.preprocess import encoder_input
 from assistant_server.text_embedding import TEXT_MODEL_NAME, embed_classes
+from shared.data.resize import resize_label as resize_label_np
 from shared.data.types import ClassInfo
 
 
@@ -25,9 +25,8 @@ def exemplar_id(case_id: str, slice_index: int) -> str:
 
 
 def resize_label(label: np.ndarray | torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """(H, W) integer label map → (size, size) uint8, nearest neighbour."""
-    x = torch.as_tensor(np.asarray(label), dtype=torch.float32)[None, None]
-    return F.interpolate(x, size=(size, size), mode="nearest")[0, 0].to(torch.uint8)
+    """(H, W) integer label map → (size, size) uint8 tensor (the data layer's centre-aligned nearest)."""
+    return torch.from_numpy(resize_label_np(np.asarray(label), (size, size)).astype(np.uint8))
 
 
 def encoder_for(encoder: str = "litemedsam", ckpt: str | Path | None = None, seed: int = 0) -> VessaModel:
@@ -64,9 +63,8 @@ def build_bank(
     classes: list[ClassInfo] | None = None,
 ) -> TemplateBank:
     """Every slice of the first `n_labeled` patients of `data` becomes an exemplar."""
-    from shared.data.split import split_by_patient
-
     from shared.data import open_dataset
+    from shared.data.split import split_by_patient
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ds = open_dataset(data)

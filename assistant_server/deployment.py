@@ -226,8 +226,9 @@ class VessaAssistant:
     ) -> dict:
         """images: (D, H, W) float; labels: (D, H, W) uint8. Every slice with foreground becomes an
         exemplar. Returns the new version and ids, or {"error": ...}."""
-        from assistant_server.bank import BankError, Exemplar, classes_from_json, same_class_table
+        from assistant_server.bank import BankError, Exemplar, same_class_table
         from assistant_server.bank_builder import encode_exemplars, exemplar_id, resize_label
+        from shared.data.classes import classes_from_json
 
         bank = self.assistant.bank
         try:
@@ -268,6 +269,8 @@ class VessaAssistant:
             version = await asyncio.to_thread(run)
         except BankError as exc:
             return {"error": str(exc)}
+        except (KeyError, TypeError, ValueError) as exc:  # a malformed class table
+            return {"error": f"malformed class table: {type(exc).__name__}: {exc}"}
         return {"version": version, "added": ids}
 
     async def remove_template(self, exemplar_id: str) -> dict:

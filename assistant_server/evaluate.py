@@ -91,9 +91,8 @@ class _Baselines:
 
 
 def evaluate_assistant(s: EvalSettings) -> dict:
-    from shared.metrics import evaluate_volume, format_table, summarise
-
     from shared.data import open_dataset
+    from shared.metrics import evaluate_volume, format_table, summarise
 
     bank_dir = _bank_for(s)
     assistant = Assistant.from_files(
@@ -188,7 +187,7 @@ def embed_dataset(data: str | Path, store: str | Path, device: str | None = None
     done = 0
     for start in tqdm(range(0, len(refs), batch_size), desc="embedding slices", unit="batch"):
         chunk = refs[start : start + batch_size]
-        canon = np.stack([canonical_slices(ds.read_unlabeled(r).image[None])[0] for r in chunk])
+        canon = canonical_slices([ds.read_unlabeled(r).image for r in chunk])
         keys = [slice_hash(c) for c in canon]
         todo = [i for i, k in enumerate(keys) if not cache.contains(k)]
         if todo:

@@ -2,32 +2,26 @@
 
 The trainer sends each unlabeled slice in one canonical pose and size (geometric augmentation is applied
 to the pseudo-label afterwards), so the assistant's embedding cache, keyed by the content hash of the
-canonical slice, hits on every later epoch.
+canonical slice, hits on every later epoch. Canonical = the data layer's bilinear resize to 256×256
+(`shared.data.resize.resize_image`, what the trainer's data loader uses), quantised to uint8. Anything
+that precomputes embeddings for a dataset must produce the same bytes, hence this one function.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from shared.data.resize import resize_image
 
 CANONICAL_SIZE = 256
 
 
-def resize_images(images: np.ndarray | torch.Tensor, size: int = CANONICAL_SIZE) -> torch.Tensor:
-    """Bilinear resize of a batch of 2D images. images: (B, H, W) → (B, size, size) float32."""
-    x = torch.as_tensor(images, dtype=torch.float32)
-    if x.shape[-2:] == (size, size):
-        return x.clone()
-    return F.interpolate(x[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-
-
-def to_uint8(images01: torch.Tensor | np.ndarray) -> np.ndarray:
+def to_uint8(images01: np.ndarray) -> np.ndarray:
     """Quantise images in [0, 1] to uint8 (what travels on the wire: 64 KiB per 256×256 slice)."""
-    x = torch.as_tensor(images01, dtype=torch.float32).clamp(0, 1)
-    return (x * 255.0 + 0.5).to(torch.uint8).numpy()
+    x = np.clip(np.asarray(images01, dtype=np.float32), 0.0, 1.0)
+    return (x * 255.0 + 0.5).astype(np.uint8)
 
 
-def canonical_slices(images: np.ndarray | torch.Tensor, size: int = CANONICAL_SIZE) -> np.ndarray:
-    """(B, H, W) float images in [0, 1] → (B, size, size) uint8: the canonical slices to send."""
-    return to_uint8(resize_images(images, size))
+def canonical_slices(images, size: int = CANONICAL_SIZE) -> np.ndarray:
+    """(H, W) float images in [0, 1] (a list, or a (B, H, W) array) → (B, size, size) uint8."""
+    return to_uint8(np.stack([resize_image(np.asarray(im, dtype=np.float32), (size, size)) for im in images]))

@@ -31,7 +31,7 @@ def slices(synth_dir) -> np.ndarray:
     """Canonical (256×256 uint8) unlabeled slices of the synthetic dataset."""
     ds = open_dataset(synth_dir)
     refs = ds.slice_refs()[:24]
-    return np.stack([canonical_slices(ds.read_unlabeled(r).image[None])[0] for r in refs])
+    return canonical_slices([ds.read_unlabeled(r).image for r in refs])
 
 
 @pytest.fixture

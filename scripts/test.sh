@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite (real redis-server, real local Ray Serve, real HTTP). See README.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
