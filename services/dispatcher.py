@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from pydantic import model_validator
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -86,6 +87,12 @@ class DispatcherSettings(VessaSettings):
     trim_interval_s: float = 10.0
     dead_letter_maxlen: int = 100_000
     ray_address: str = "auto"
+
+    @model_validator(mode="after")
+    def _heartbeat_faster_than_claims(self) -> DispatcherSettings:
+        if self.claim_interval_s * 1000 * 2 > self.claim_idle_ms:
+            raise ValueError("claim_interval_s must be under half of claim_idle_ms (in-flight entries are kept alive every interval)")
+        return self
     app_name: str = "vessa"
     deployment: str = "VessaAssistant"
 
@@ -110,6 +117,7 @@ class Dispatcher:
         self._finish = self.redis.register_script(FINISH_LUA)
         self._sem = asyncio.Semaphore(settings.max_inflight)
         self._tasks: set[asyncio.Task] = set()
+        self._inflight: set[bytes] = set()  # entry ids this dispatcher is working on
         self._stop = asyncio.Event()
         self.counters = {"answered": 0, "duplicates": 0, "errors": 0, "dead": 0, "retries": 0, "reclaimed": 0}
 
@@ -173,16 +181,29 @@ class Dispatcher:
                 await self._spawn(entry_id, fields, 1)
 
     async def _spawn(self, entry_id: bytes, fields: dict, attempts: int) -> None:
+        if entry_id in self._inflight:
+            return
         await self._sem.acquire()
+        self._inflight.add(entry_id)
         task = asyncio.create_task(self._process(entry_id, fields, attempts))
         self._tasks.add(task)
-        task.add_done_callback(lambda t: (self._tasks.discard(t), self._sem.release()))
+        task.add_done_callback(lambda t: (self._tasks.discard(t), self._inflight.discard(entry_id), self._sem.release()))
+
+    async def heartbeat(self) -> None:
+        """Reset the idle time of entries still being worked on (XCLAIM JUSTID to ourselves does not
+        count as a delivery), so a slow call is never mistaken for a dead consumer's entry."""
+        ids = list(self._inflight)
+        for i in range(0, len(ids), 256):
+            await self.redis.xclaim(
+                self.s.request_stream, self.s.group, self.s.consumer, 0, ids[i : i + 256], justid=True
+            )
 
     async def _housekeeping(self) -> None:
         last_trim = 0.0
         while True:
             await asyncio.sleep(self.s.claim_interval_s)
             try:
+                await self.heartbeat()
                 await self.reclaim()
                 if time.monotonic() - last_trim > self.s.trim_interval_s:
                     await self.trim()
@@ -209,7 +230,7 @@ class Dispatcher:
             )
             start, entries = resp[0], resp[1]
             for entry_id, fields in entries:
-                if fields is None:
+                if fields is None or entry_id in self._inflight:
                     continue
                 info = await self.redis.xpending_range(
                     self.s.request_stream, self.s.group, min=entry_id, max=entry_id, count=1

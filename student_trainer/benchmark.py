@@ -73,6 +73,7 @@ def bench_method(
     compile_: bool,
     device: str,
     profile: bool = False,
+    assistant: str = "loopback",
 ) -> dict[str, Any]:
     from student_trainer.train import Trainer
 
@@ -92,7 +93,9 @@ def bench_method(
         "mean_teacher": {"consistency_start": 0},
     }
     cfg = load_settings(TrainSettings, None, **overrides)
-    link = LoopbackLink() if method == "bcp_vessa" else None
+    link = None
+    if method == "bcp_vessa":
+        link = LoopbackLink() if assistant == "loopback" else _inprocess_link(data, device)
     trainer = Trainer(cfg, link=link)
     dev = trainer.device
     if dev.type == "cuda":
@@ -174,6 +177,17 @@ def bench_lcc(device: str, batch: int = 12, size: int = 256, repeats: int = 10) 
     return out
 
 
+def _inprocess_link(data: Path, device: str):
+    """A real assistant (LiteMedSAM released weights, untrained head) sharing the trainer's device."""
+    from assistant_server.bank_builder import build_bank
+    from student_trainer.inprocess_link import InProcessAssistantLink
+
+    dev = None if device == "auto" else device
+    bank = Path(tempfile.mkdtemp(prefix="bench_bank_")) / "bank"
+    build_bank(data, 3, bank, device=dev)
+    return InProcessAssistantLink("pretrained", str(bank), device=dev)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="supervised,mean_teacher,bcp_pretrain,bcp,bcp_vessa")
@@ -187,6 +201,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--profile", default="", help="comma-separated methods to profile (torch.profiler)")
+    p.add_argument(
+        "--assistant",
+        default="loopback",
+        choices=["loopback", "inprocess"],
+        help="bcp_vessa against an instant stand-in (the trainer's own cost) or a real in-process assistant",
+    )
     args = p.parse_args(argv)
 
     data = args.data
@@ -203,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "compile": args.compile,
+        "assistant": args.assistant,
         "methods": [],
     }
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
@@ -220,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.compile,
             args.device,
             profile=name in args.profile.split(","),
+            assistant=args.assistant,
         )
         print(json.dumps(r), flush=True)
         report["methods"].append(r)

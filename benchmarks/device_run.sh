@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every figure of the GPU performance issue in one command: the assistant alone (cold/warm by batch,
+# linear scaling), the service paths side by side (in-process, DeploymentHandle, REST 1 slice and
+# 16-slice volume, @serve.batch gain, Redis path), and the student trainer's iteration rate in BCP and
+# in VESSA mode with a real assistant sharing the card. Prints one table; JSON under $OUT.
+#
+#   bash benchmarks/device_run.sh            # full sizes (one H200: about 6-7 minutes)
+#   bash benchmarks/device_run.sh --small    # smallest form (CPU, CI): a couple of minutes
+#
+# On the device machine (Python 3.12, no registry): carry .device/ (Ray Serve + Redis bundle from
+# ../shared/tools/device-serve-bundle.sh) and .whl/ (pydantic, pydantic-settings, nibabel, typer,
+# python-multipart wheels); this script unpacks them when present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SMALL=0
+[ "${1:-}" = "--small" ] && SMALL=1
+OUT=${OUT:-runs/device_run}
+mkdir -p "$OUT"
+if [ -f .device/serve-site-py312.tar.xz ]; then
+  mkdir -p /tmp/site && tar xJf .device/serve-site-py312.tar.xz -C /tmp/site
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+fi
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site2 .whl/*.whl
+  export PYTHONPATH=/tmp/site2:${PYTHONPATH:-$PWD}
+fi
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if [ "$SMALL" = 1 ]; then
+  MODEL=(--batches 1,4 --scaling 1,4 --reps 1)
+  SERVE=(--requests 8 --concurrency 4 --max-batch 16)
+  TRAIN=(--iters 3 --warmup 1 --image-size 128 --batch-size 8 --cases 4)
+else
+  MODEL=(--batches 1,32,256 --scaling 1,8,64,512 --reps 3)
+  SERVE=(--requests 512 --concurrency 64 --slices-per-request 16 --max-batch 512 --dispatchers 2)
+  TRAIN=(--iters 100 --warmup 20 --image-size 256 --batch-size 24)
+fi
+$PY -m benchmarks.model_bench "${MODEL[@]}" --json "$OUT/model.json"
+$PY -m benchmarks.serving --mode cold "${SERVE[@]}" --json "$OUT/serving_cold.json"
+$PY -m benchmarks.serving --mode warm "${SERVE[@]}" --json "$OUT/serving_warm.json"
+$PY -m student_trainer.benchmark --methods bcp,bcp_vessa --assistant inprocess "${TRAIN[@]}" --json "$OUT/trainer.json"
+$PY -m benchmarks.summarise "$OUT"

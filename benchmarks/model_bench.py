@@ -1,0 +1,171 @@
+"""The assistant alone: cold and warm pseudo-labels per second, encoder/decoder split, and how cost
+grows with slices per request — the figures issue 8 asks of the model side, in one run.
+
+    python -m benchmarks.model_bench [--device cuda] [--batches 1,32,256] [--scaling 1,8,64,512] [--json OUT]
+
+cold: every slice is new (encoder + decoder, all classes of a slice in one pass); warm: the slice's
+embedding is cached and only a new student prompt arrives (decoder only). Random weights (speed does
+not depend on weight values), synthetic 256×256 slices. Also prints the floor: encoder FLOPs per slice
+against the device's measured bf16 matrix rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ENCODER_GFLOP = 75.0  # LiteMedSAM TinyViT at 256×256 (architecture page)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """Measured bf16 (GPU) / fp32 (CPU) matrix rate, the ceiling the floor is computed against."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    reps = 10 if device.type == "cuda" else 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def build(work: Path, device: str, encoder: str):
+    from assistant_server.bank import TemplateBank
+    from assistant_server.checkpoint import build_model
+    from assistant_server.inference import Assistant
+    from assistant_server.modeling.foundation import module_state_hash
+    from assistant_server.modeling.vessa import VessaConfig
+    from shared.data.classes import CARDIAC_CLASSES
+
+    torch.manual_seed(0)
+    model = build_model(VessaConfig(encoder=encoder), pretrained=False)
+    text = np.random.default_rng(0).standard_normal((len(CARDIAC_CLASSES), 384)).astype(np.float32)
+    bank = TemplateBank.create(work / "bank", CARDIAC_CLASSES, text, module_state_hash(model.image_encoder), "random")
+    # 16 random exemplars with blob labels: template matching costs the same whatever they show
+    from assistant_server.bank import Exemplar
+
+    rng = np.random.default_rng(1)
+    labels = torch.zeros(16, 256, 256, dtype=torch.uint8)
+    for i in range(16):
+        cy, cx = rng.integers(80, 176, 2)
+        yy, xx = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+        r = ((yy - cy) ** 2 + (xx - cx) ** 2).float().sqrt()
+        labels[i][r < 40] = 2
+        labels[i][r < 28] = 3
+        labels[i][(r < 50) & (xx < cx - 30)] = 1
+    images = torch.rand(16, 256, 256)
+    with torch.inference_mode():
+        emb = torch.cat([model.encode(images[i : i + 4, None].expand(-1, 3, -1, -1)) for i in range(0, 16, 4)])
+    exemplars = [Exemplar(f"r{i}", f"r{i}", f"p{i % 4}", 0, "random", 256, 256) for i in range(16)]
+    bank.add(exemplars, images, labels, emb)
+    return Assistant(model, TemplateBank(work / "bank"), device=device, cache=None, model_version="random", encode_batch=256)
+
+
+def timed(fn, device: torch.device, reps: int) -> float:
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def run(args) -> dict:
+    from assistant_server.embedding_cache import EmbeddingCache
+    from assistant_server.inference import SliceInput
+
+    device = torch.device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="vessa-model-bench-"))
+    a = build(work, args.device, args.encoder)
+    a.cache = EmbeddingCache(device, device_entries=1_000_000)
+    rng = np.random.default_rng(2)
+    counter = [0]
+
+    def new_slices(n: int) -> list[np.ndarray]:
+        out = []
+        for _ in range(n):
+            counter[0] += 1
+            img = rng.integers(0, 255, (256, 256), dtype=np.uint8)
+            img[0, 0] = counter[0] % 256
+            img[0, 1] = (counter[0] // 256) % 256
+            img[0, 2] = (counter[0] // 65536) % 256
+            out.append(img)
+        return out
+
+    results: dict = {"device": args.device, "encoder": args.encoder, "rows": [], "scaling": []}
+    for b in args.batches:
+        cold_sl = [new_slices(b) for _ in range(args.reps + 1)]
+        it = iter(cold_sl)
+        cold = timed(lambda: a.predict([SliceInput(image=s) for s in next(it)]), device, args.reps)
+        warm_sl = new_slices(b)
+        a.predict([SliceInput(image=s) for s in warm_sl])
+        probs = np.full((4, 256, 256), 0.25, np.float32)
+        warm = timed(lambda: a.predict([SliceInput(image=s, student_probs=probs) for s in warm_sl]), device, args.reps)
+        enc0 = a.stats()["encoder_s"]
+        a.predict([SliceInput(image=s) for s in new_slices(b)])
+        enc = a.stats()["encoder_s"] - enc0
+        results["rows"].append(
+            {"batch": b, "cold_slices_per_s": b / cold, "warm_slices_per_s": b / warm, "encoder_ms_per_slice": 1000 * enc / b,
+             "decoder_ms_per_slice": 1000 * warm / b}
+        )
+    for n in args.scaling:
+        sl = new_slices(n)
+        a.predict([SliceInput(image=s) for s in sl])
+        t = timed(lambda: a.predict([SliceInput(image=s) for s in sl]), device, max(1, args.reps // 2))
+        results["scaling"].append({"slices_per_request": n, "ms_per_slice_warm": 1000 * t / n})
+    rate = matmul_tflops(device)
+    results["matmul_tflops"] = rate
+    results["cold_floor_slices_per_s"] = rate * 1e12 / (ENCODER_GFLOP * 1e9)
+    per = [r["ms_per_slice_warm"] for r in results["scaling"]]
+    results["scaling_spread"] = (max(per) / min(per) - 1) if per else float("nan")
+    return results
+
+
+def table(res: dict) -> str:
+    lines = [f"assistant alone — {res['device']}, {res['encoder']}; matrix rate {res['matmul_tflops']:.1f} TFLOP/s → cold floor "
+             f"{res['cold_floor_slices_per_s']:.0f} slices/s (encoder {ENCODER_GFLOP:.0f} GFLOP/slice)"]
+    lines.append(f"{'batch':>6s} {'cold sl/s':>10s} {'warm sl/s':>10s} {'enc ms/sl':>10s} {'dec ms/sl':>10s}")
+    for r in res["rows"]:
+        lines.append(f"{r['batch']:6d} {r['cold_slices_per_s']:10.1f} {r['warm_slices_per_s']:10.1f} {r['encoder_ms_per_slice']:10.2f} {r['decoder_ms_per_slice']:10.2f}")
+    lines.append("slices/request → warm ms per slice: " + ", ".join(f"{s['slices_per_request']}: {s['ms_per_slice_warm']:.2f}" for s in res["scaling"]))
+    lines.append(f"spread of time per slice across request sizes: {100 * res['scaling_spread']:.0f}%")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--encoder", default="litemedsam", choices=["litemedsam", "tiny"])
+    p.add_argument("--batches", default="1,32,256", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--scaling", default="1,8,64,512", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    res = run(args)
+    res["table"] = table(res)
+    print(res["table"])
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()

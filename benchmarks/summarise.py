@@ -1,0 +1,58 @@
+"""One table of the performance figures from a device_run.sh output folder, against the targets.
+
+    python -m benchmarks.summarise runs/device_run     # prints the table, writes summary.json there
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TARGETS = {
+    "cold model-alone slices/s": 3000.0,
+    "warm Redis-path slices/s": 5000.0,
+    "warm Redis path ÷ model alone": 0.80,
+    "REST 16-slice volume ÷ model alone (cold)": 0.50,
+    "REST 16-slice volume ÷ model alone (warm)": 0.50,
+    "trainer VESSA ÷ BCP iteration rate": 0.80,
+    "time/slice spread over 1…512 slices/request": 0.20,
+}
+
+
+def _path(rows: list[dict], prefix: str) -> dict:
+    return next(r for r in rows if r["path"].startswith(prefix))
+
+
+def summarise(folder: Path) -> dict:
+    model = json.loads((folder / "model.json").read_text())
+    cold = json.loads((folder / "serving_cold.json").read_text())["rows"]
+    warm = json.loads((folder / "serving_warm.json").read_text())["rows"]
+    trainer = json.loads((folder / "trainer.json").read_text())
+    rates = {m["method"]: m["it_per_s"] for m in trainer["methods"]}
+    alone_cold = _path(cold, "model alone")["slices_per_s"]
+    alone_warm = _path(warm, "model alone")["slices_per_s"]
+    got = {
+        "cold model-alone slices/s": max(r["cold_slices_per_s"] for r in model["rows"]),
+        "warm Redis-path slices/s": _path(warm, "Redis path")["slices_per_s"],
+        "warm Redis path ÷ model alone": _path(warm, "Redis path")["slices_per_s"] / alone_warm,
+        "REST 16-slice volume ÷ model alone (cold)": _path(cold, "HTTP, 16-slice")["slices_per_s"] / alone_cold,
+        "REST 16-slice volume ÷ model alone (warm)": _path(warm, "HTTP, 16-slice")["slices_per_s"] / alone_warm,
+        "trainer VESSA ÷ BCP iteration rate": rates["bcp_vessa"] / rates["bcp"],
+        "time/slice spread over 1…512 slices/request": model["scaling_spread"],
+    }
+    lines = [f"{'figure':48s} {'measured':>12s} {'target':>10s}  met"]
+    for k, v in got.items():
+        t = TARGETS[k]
+        ok = v <= t if "spread" in k else v >= t
+        lines.append(f"{k:48s} {v:12.2f} {t:10.2f}  {'yes' if ok else 'NO'}")
+    table = "\n".join(lines)
+    out = {"figures": got, "targets": TARGETS, "table": table, "model": model["table"]}
+    (folder / "summary.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    res = summarise(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/device_run"))
+    print(res["model"])
+    print(res["table"])
