@@ -92,7 +92,7 @@ class _Baselines:
 
 def evaluate_assistant(s: EvalSettings) -> dict:
     from shared.data import open_dataset
-    from shared.metrics import evaluate_volume, format_table, summarise
+    from shared.metrics import comparison_table, evaluate_volume, summarise
 
     bank_dir = _bank_for(s)
     assistant = Assistant.from_files(
@@ -100,8 +100,7 @@ def evaluate_assistant(s: EvalSettings) -> dict:
     )
     baselines = _Baselines(assistant)
     ds = open_dataset(s.data)
-    class_names = [c.name for c in sorted(assistant.classes, key=lambda c: c.index)]
-    num_classes = len(class_names)
+    num_classes = len(assistant.classes)
     ids = ds.volume_ids(s.split)[: s.limit] if s.limit else ds.volume_ids(s.split)
     if not ids:
         raise ValueError(f"{s.data} has no '{s.split}' volumes")
@@ -139,11 +138,9 @@ def evaluate_assistant(s: EvalSettings) -> dict:
                 for z in range(len(slices)):
                     preds["label_transfer"][z] = _argmax_back(probs[z], shape)
         for m in s.modes:
-            per_mode[m].append(
-                {"case": cid, **evaluate_volume(preds[m], vol.label, class_names, vol.spacing)}
-            )
+            per_mode[m].append(evaluate_volume(preds[m], vol.label, assistant.classes, vol.spacing, case_id=cid))
     summary = {m: summarise(per_mode[m]) for m in s.modes}
-    table = format_table(summary, class_names[1:])
+    table = comparison_table(summary)
     report = {
         "ckpt": s.ckpt,
         "bank": str(bank_dir),

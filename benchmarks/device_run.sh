@@ -20,17 +20,18 @@ if [ -f .device/serve-site-py312.tar.xz ]; then
   mkdir -p /tmp/site && tar xJf .device/serve-site-py312.tar.xz -C /tmp/site
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 fi
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site2 .whl/*.whl
+PY=python3
+[ -x .venv/bin/python ] && [ ! -f .device/serve-site-py312.tar.xz ] && PY=.venv/bin/python
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import pydantic, nibabel" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site2 .whl/*.whl
   export PYTHONPATH=/tmp/site2:${PYTHONPATH:-$PWD}
 fi
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ "$SMALL" = 1 ]; then
-  MODEL=(--batches 1,4 --scaling 1,4 --reps 1)
-  SERVE=(--requests 8 --concurrency 4 --max-batch 16)
-  TRAIN=(--iters 3 --warmup 1 --image-size 128 --batch-size 8 --cases 4)
+  # the smallest form: the same code paths, the tiny stand-in encoder, a handful of requests
+  MODEL=(--batches 1,4 --scaling 1,4 --reps 1 --encoder tiny)
+  SERVE=(--requests 8 --concurrency 4 --max-batch 16 --encoder tiny --ray-cpus 2)
+  TRAIN=(--iters 3 --warmup 1 --image-size 64 --batch-size 8 --cases 6 --assistant-encoder tiny)
 else
   MODEL=(--batches 1,32,256 --scaling 1,8,64,512 --reps 3)
   SERVE=(--requests 512 --concurrency 64 --slices-per-request 16 --max-batch 512 --dispatchers 2)

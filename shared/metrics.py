@@ -217,3 +217,23 @@ def format_table(summary: dict, digits: int = 2) -> str:
     lines = [f"{summary['n_volumes']} volumes", fmt(header), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in rows]
     return "\n".join(lines)
+
+
+def comparison_table(summaries: dict[str, dict], digits: int = 2) -> str:
+    """Several `summarise` results side by side, one row each: Dice % per class, then the means over
+    classes of Dice %, Jaccard %, HD95 and ASD (voxels)."""
+    if not summaries:
+        return ""
+    first = next(iter(summaries.values()))
+    names = list(first["per_class"])
+    head = ["", *[f"Dice {n}" for n in names], "Dice", "Jaccard", "HD95", "ASD"]
+    rows = [head]
+    for label, s in summaries.items():
+        dice = [100.0 * s["per_class"][n]["dice"]["mean"] for n in names]
+        m = s["mean"]
+        rows.append(
+            [label, *[f"{d:.{digits}f}" for d in dice], f"{100.0 * m['dice']:.{digits}f}", f"{100.0 * m['jaccard']:.{digits}f}",
+             f"{m['hd95']:.{digits}f}", f"{m['asd']:.{digits}f}"]
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)

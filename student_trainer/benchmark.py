@@ -74,6 +74,7 @@ def bench_method(
     device: str,
     profile: bool = False,
     assistant: str = "loopback",
+    assistant_encoder: str = "litemedsam",
 ) -> dict[str, Any]:
     from student_trainer.train import Trainer
 
@@ -95,7 +96,7 @@ def bench_method(
     cfg = load_settings(TrainSettings, None, **overrides)
     link = None
     if method == "bcp_vessa":
-        link = LoopbackLink() if assistant == "loopback" else _inprocess_link(data, device)
+        link = LoopbackLink() if assistant == "loopback" else _inprocess_link(data, device, assistant_encoder)
     trainer = Trainer(cfg, link=link)
     dev = trainer.device
     if dev.type == "cuda":
@@ -177,15 +178,15 @@ def bench_lcc(device: str, batch: int = 12, size: int = 256, repeats: int = 10) 
     return out
 
 
-def _inprocess_link(data: Path, device: str):
+def _inprocess_link(data: Path, device: str, encoder: str = "litemedsam"):
     """A real assistant (LiteMedSAM released weights, untrained head) sharing the trainer's device."""
     from assistant_server.bank_builder import build_bank
     from student_trainer.inprocess_link import InProcessAssistantLink
 
     dev = None if device == "auto" else device
     bank = Path(tempfile.mkdtemp(prefix="bench_bank_")) / "bank"
-    build_bank(data, 3, bank, device=dev)
-    return InProcessAssistantLink("pretrained", str(bank), device=dev)
+    build_bank(data, 3, bank, encoder=encoder, device=dev)
+    return InProcessAssistantLink("pretrained" if encoder == "litemedsam" else "random", str(bank), device=dev, encoder=encoder)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         choices=["loopback", "inprocess"],
         help="bcp_vessa against an instant stand-in (the trainer's own cost) or a real in-process assistant",
     )
+    p.add_argument("--assistant-encoder", default="litemedsam", choices=["litemedsam", "tiny"])
     args = p.parse_args(argv)
 
     data = args.data
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.device,
             profile=name in args.profile.split(","),
             assistant=args.assistant,
+            assistant_encoder=args.assistant_encoder,
         )
         print(json.dumps(r), flush=True)
         report["methods"].append(r)

@@ -155,6 +155,7 @@ class Trainer:
             )
         self.writer = None
         self.loss_log: list[tuple[int, str, float]] = []  # (step, phase, loss) at each log point
+        self.val_log: list[tuple[int, str, float]] = []  # (step, phase, mean val Dice) at each validation
 
     # -- setup ------------------------------------------------------------------------------------
     def _seed_everything(self, seed: int) -> None:
@@ -316,6 +317,7 @@ class Trainer:
             full=self.cfg.val_metrics == "full",
         )
         dice = summary["mean_dice"]
+        self.val_log.append((self.step, phase.name, float(dice)))
         if self.writer is not None:
             self.writer.add_scalar(f"val_{phase.name}/mean_dice", dice, self.step)
             for name, value in summary["per_class"].items():
@@ -504,6 +506,7 @@ class Trainer:
             "best_pretrain_dice": self.best["pretrain"] if len(self.phases) > 1 else None,
             "iterations_per_s": steps_run / elapsed if elapsed > 0 else 0.0,
             "train_loss": [list(x) for x in self.loss_log],
+            "val_dice": [list(x) for x in self.val_log],
         }
         if self.vessa is not None:
             result["assistant"] = self.vessa.summary()

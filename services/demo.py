@@ -1,0 +1,246 @@
+"""`vessa demo`: the whole of VESSA on the embedded default, on a machine with nothing running.
+
+1. data      the synthetic cardiac dataset (or --data)
+2. bank      a template bank of the labeled cases (LiteMedSAM embeddings, MiniLM class texts)
+3. assistant brief Stage-1 training on the bank
+4. serve     local Ray Serve (CPU profile) + an embedded Redis + a dispatcher process
+5. warm      every unlabeled slice through the Redis path once (templates-only pseudo-labels; the
+             assistant caches its embeddings, so training requests later travel by hash)
+6. students  BCP without the assistant, then BCP with VESSA in the loop (Redis path)
+7. evaluate  both students on the validation volumes (NIfTI predictions written)
+8. report    report.md + overlays (image, ground truth, pseudo-label, predictions) + Dice over iterations
+and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+STEPS = ["data", "bank", "assistant", "serve", "warm", "baseline student", "VESSA student", "evaluate", "report"]
+
+
+class Progress:
+    """One line per stage with elapsed time: the demo's progress display (stages have their own bars)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.i = 0
+
+    def stage(self, name: str, detail: str = "") -> None:
+        self.i += 1
+        typer.secho(
+            f"\n[{self.i}/{len(STEPS)}] {name}  ({time.perf_counter() - self.t0:5.0f} s){'  ' + detail if detail else ''}",
+            bold=True,
+        )
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), help="output directory (report, checkpoints, predictions)"),
+    data: Path | None = typer.Option(None, help="dataset to use instead of generating the synthetic one"),
+    cases: int = typer.Option(12, help="synthetic cases to generate"),
+    seed: int = typer.Option(0, help="seed of the data, the assistant and the students"),
+    labeled: int = typer.Option(2, help="labeled patients (the first N, protocol order)"),
+    assistant_steps: int = typer.Option(60, help="Stage-1 training steps of the assistant"),
+    pretrain_iters: int = typer.Option(60, help="BCP pre-training iterations"),
+    self_train_iters: int = typer.Option(80, help="BCP self-training iterations"),
+    image_size: int = typer.Option(128, help="student input size (the assistant always sees 256×256)"),
+    port: int = typer.Option(0, help="HTTP port of the local Serve app (0: a free one)"),
+):
+    """Run the whole pipeline on the embedded default and write a report (about 10 minutes on 2 CPU cores)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    p = Progress()
+    started: dict = {}
+    try:
+        report = _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_train_iters, image_size, port, p, started)
+    finally:
+        _stop(started)
+    typer.secho(f"\ndone in {p.elapsed / 60:.1f} min: {out / 'report.md'}", bold=True)
+    typer.echo(report["summary_table"])
+
+
+def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_train_iters, image_size, port, p, started) -> dict:
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # 1. data --------------------------------------------------------------------------------------
+    if data is None:
+        from shared.data.synth import write_msd_dataset
+
+        data = out / "data"
+        p.stage("data", f"synthetic cardiac MRI, {cases} cases, seed {seed} → {data}")
+        if not (data / "dataset.json").exists():
+            write_msd_dataset(data, cases=cases, seed=seed, progress=True)
+    else:
+        p.stage("data", f"using {data}")
+    data = Path(data).resolve()
+    # 2. bank --------------------------------------------------------------------------------------
+    from assistant_server.bank_builder import build_bank
+
+    bank = out / "bank"
+    p.stage("bank", f"labeled patients: first {labeled}")
+    if not (bank / "manifest.json").exists():
+        build_bank(data, labeled, bank, device="cpu")
+    # 3. assistant -----------------------------------------------------------------------------------
+    from assistant_server.stage1 import Stage1Settings, train_stage1
+
+    ckpt = out / "assistant" / "assistant.pt"
+    p.stage("assistant", f"Stage-1 training, {assistant_steps} steps")
+    if not ckpt.exists():
+        train_stage1(
+            Stage1Settings(bank=bank, out=ckpt, steps=assistant_steps, batch_size=2, seed=seed, save_every=10**6, log_every=5, device="cpu")
+        )
+    # 4. serve -------------------------------------------------------------------------------------
+    import ray
+    from ray import serve
+
+    from assistant_server.app import build_app
+    from services.redis_server import EmbeddedRedis, free_port
+
+    p.stage("serve", "local Ray Serve (CPU profile) + embedded Redis + dispatcher")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    started["ray"] = True
+    port = port or free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cpu0 = {"ray_actor_options": {"num_cpus": 0}}
+    serve.run(
+        build_app(
+            {"ckpt": str(ckpt), "bank": str(bank), "encoder": "litemedsam", "device": "cpu", "max_batch_slices": 16, "cache_device_entries": 100_000},
+            {"VessaAssistant": cpu0, "VessaIngress": cpu0},
+        ),
+        name="vessa",
+        route_prefix="/",
+    )
+    url = f"http://127.0.0.1:{port}"
+    redis_server = EmbeddedRedis(out / "redis").start()
+    started["redis"] = redis_server
+    log = open(out / "dispatcher.log", "ab")
+    started["dispatcher"] = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "dispatcher", "--redis-url", redis_server.url, "--ray-address", ray.get_runtime_context().gcs_address],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, VESSA_REDIS_URL=redis_server.url),
+    )
+    typer.echo(f"  REST API {url} (docs at {url}/docs); Redis {redis_server.url}")
+    # 5. warm --------------------------------------------------------------------------------------
+    p.stage("warm", "every unlabeled slice through the Redis path once (templates-only)")
+    pseudo = asyncio.run(_warm(redis_server.url, data, labeled))
+    # 6-7. students ----------------------------------------------------------------------------------
+    from shared.config import load_settings
+    from student_trainer.config import TrainSettings
+    from student_trainer.train import train
+
+    common = {
+        "seed": seed,
+        "device": "cpu",
+        "data": {"root": str(data), "n_labeled": labeled, "image_size": image_size},
+        "batch_size": 8,
+        "labeled_bs": 4,
+        "max_iters": self_train_iters,
+        "val_every": max(5, self_train_iters // 8),
+        "save_every": self_train_iters,
+        "log_every": 5,
+        "optim": {"schedule": "constant"},
+        "bcp": {"pretrain_iters": pretrain_iters},
+        "final_eval": True,
+    }
+    results = {}
+    p.stage("baseline student", f"BCP, {pretrain_iters} + {self_train_iters} iterations")
+    results["bcp"] = train(load_settings(TrainSettings, None, method="bcp", out_dir=out / "student_bcp", **common))
+    p.stage("VESSA student", "BCP + VESSA pseudo-labels over Redis (same seed, same schedule)")
+    vessa_cfg = {
+        "link": "student_trainer.stream_client:StreamAssistantLink",
+        "link_kwargs": {"redis_url": redis_server.url, "trainer_id": "demo", "max_in_flight": 8},
+        "warmup_iters": max(1, self_train_iters // 4),
+        "prefetch": 4,
+        "timeout_s": 60.0,
+        "log_every": 10,
+    }
+    results["bcp_vessa"] = train(
+        load_settings(TrainSettings, None, method="bcp_vessa", out_dir=out / "student_vessa", vessa=vessa_cfg, **common)
+    )
+    # 8. evaluate ----------------------------------------------------------------------------------
+    from student_trainer.evaluate import run_eval
+
+    p.stage("evaluate", "validation volumes: Dice, Jaccard, HD95, ASD; NIfTI predictions")
+    evals = {}
+    for name, sub in (("bcp", "student_bcp"), ("bcp_vessa", "student_vessa")):
+        evals[name] = run_eval(out / sub / "best.pt", data, "val", out_dir=out / "eval" / name, device="cpu")
+    # 9. report ------------------------------------------------------------------------------------
+    p.stage("report", str(out / "report.md"))
+    from services.demo_report import write_report
+
+    return write_report(out, data, url, results, evals, pseudo, p.elapsed)
+
+
+async def _warm(redis_url: str, data: Path, labeled: int) -> dict:
+    """Send every unlabeled canonical slice once; returns {slice key: (canonical image, pseudo-label)}."""
+    from tqdm import tqdm
+
+    from shared.canonical import canonical_slices
+    from shared.data import open_dataset
+    from shared.data.split import split_by_patient
+    from student_trainer.stream_client import AsyncStreamClient
+
+    split = split_by_patient(open_dataset(data), labeled)
+    pool = split.unlabeled
+    client = AsyncStreamClient(redis_url, "demo-warm", max_in_flight=4)
+    await client.start()
+    out: dict = {}
+    bar = tqdm(total=len(pool), desc="pseudo-labels", unit="slice")
+    batch = 4
+    pending = []
+    for start in range(0, len(pool), batch):
+        items = [pool[i] for i in range(start, min(start + batch, len(pool)))]
+        images = canonical_slices([it.image for it in items])
+        rid = await client.submit(images)
+        pending.append((rid, items, images))
+    for rid, items, images in pending:
+        res = await client.result(rid, 900)
+        if res is not None and res.status == "ok":
+            for it, img, lab in zip(items, images, res.labels):
+                out[it.ref.key] = (img, lab)
+        bar.update(len(items))
+    bar.close()
+    await client.close()
+    return out
+
+
+def _stop(started: dict) -> None:
+    disp = started.get("dispatcher")
+    if disp is not None and disp.poll() is None:
+        disp.terminate()
+        try:
+            disp.wait(30)
+        except subprocess.TimeoutExpired:
+            disp.kill()
+    if started.get("ray"):
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        import ray
+
+        ray.shutdown()
+    if started.get("redis") is not None:
+        started["redis"].stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo_cmd)
+
+

@@ -1,0 +1,36 @@
+"""The GPU benchmark script runs end to end in its smallest form (CPU, tiny encoder, a few requests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def test_device_run_smallest_form(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        ["bash", "benchmarks/device_run.sh", "--small"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    figures = summary["figures"]
+    for key in (
+        "cold model-alone slices/s",
+        "warm Redis-path slices/s",
+        "warm Redis path ÷ model alone",
+        "REST 16-slice volume ÷ model alone (cold)",
+        "trainer VESSA ÷ BCP iteration rate",
+        "time/slice spread over 1…512 slices/request",
+    ):
+        assert key in figures and figures[key] == figures[key] and figures[key] > 0, key  # measured, not NaN
+    assert "figure" in proc.stdout and "target" in proc.stdout  # the one table was printed
+    for name in ("model.json", "serving_cold.json", "serving_warm.json", "trainer.json"):
+        assert (tmp_path / "out" / name).is_file()
