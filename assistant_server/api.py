@@ -29,6 +29,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -88,6 +89,8 @@ class GuardMiddleware:
                 )
         seen = 0
         overflow = False
+        app_started = replaced = False
+        too_large = {"detail": f"request body over the limit of {max_bytes} bytes"}
 
         async def limited_receive():
             nonlocal seen, overflow
@@ -99,10 +102,23 @@ class GuardMiddleware:
                     raise _BodyTooLarge()
             return message
 
+        async def guarded_send(message):
+            # FastAPI turns any error while reading a form, ours included, into "400 There was an error
+            # parsing the body": once the body overflowed, answer 413 instead of what the app says.
+            nonlocal app_started, replaced
+            if overflow and not app_started:
+                if not replaced:
+                    replaced = True
+                    await _send_json(send, 413, too_large)
+                return
+            app_started = app_started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
-            await _send_json(send, 413, {"detail": f"request body over the limit of {max_bytes} bytes"})
+            if not (app_started or replaced):
+                await _send_json(send, 413, too_large)
 
 
 class _BodyTooLarge(Exception):
@@ -136,6 +152,35 @@ def multipart_response(
     return Response(content=body, media_type=f"multipart/mixed; boundary={boundary}", headers=headers)
 
 
+# ---------------------------------------------------------------------------------------------- OpenAPI
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+_ERROR_TEXT = {
+    400: "Bad input; `detail` says what is wrong",
+    401: "Missing or invalid bearer token (when VESSA_API_TOKEN is set)",
+    404: "No such exemplar",
+    409: "A pinned bank version that no longer exists, or a duplicate exemplar",
+    413: "Request body over max_upload_mb",
+    503: "The assistant is at capacity (backpressure) or not connected: retry later",
+    504: "The assistant did not answer within request_timeout_s",
+}
+
+
+def _responses(*codes: int, ok: str | None = None) -> dict:
+    """OpenAPI `responses` for a route: its error statuses (all `{"detail": ...}`), and for `ok` the
+    media type of a 200 that is not JSON."""
+    out: dict = {c: {"model": ErrorDetail, "description": _ERROR_TEXT[c]} for c in codes}
+    if ok is not None:
+        out[200] = {"content": {ok: {"schema": {"type": "string", "format": "binary"}}}}
+    return out
+
+
+_CALL_ERRORS = (401, 503, 504)  # any route that calls the assistant
+_ARRAY = "multipart/mixed"
+
+
 def _bad(message: str, status: int = 400) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
@@ -149,7 +194,8 @@ def _class_ids(spec: str | None, classes: list[dict]) -> list[int] | None:
     valid = {c["index"] for c in classes if c["index"] != 0}
     for token in spec.split(","):
         token = token.strip()
-        if token.lstrip("-").isdigit() and int(token) in valid:
+        # ASCII digits only: str.isdigit() accepts '²', which int() then refuses (a 500)
+        if re.fullmatch(r"-?[0-9]{1,6}", token) and int(token) in valid:
             ids.append(int(token))
         elif token.lower() in by_name and by_name[token.lower()] != 0:
             ids.append(by_name[token.lower()])
@@ -229,6 +275,18 @@ async def classes() -> list[dict]:
     return RUNTIME.classes
 
 
+KNOWN_ROUTES = {
+    "/v1/pseudo-labels",
+    "/v1/segment",
+    "/v1/templates",
+    "/v1/templates/{id}",
+    "/v1/info",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+}
+
+
 @app.middleware("http")
 async def observe(request: Request, call_next):
     t0 = time.perf_counter()
@@ -239,6 +297,8 @@ async def observe(request: Request, call_next):
     )
     if route.startswith("/v1/templates/"):
         route = "/v1/templates/{id}"
+    if route not in KNOWN_ROUTES:  # a label per unknown path would let any client grow memory without end
+        route = "other"
     response = await call_next(request)
     m_requests.labels(route, str(response.status_code)).inc()
     m_latency.labels(route).observe(time.perf_counter() - t0)
@@ -256,7 +316,12 @@ async def volume_error(_: Request, exc: VolumeError):
 
 
 # ------------------------------------------------------------------------------------------ routes
-@app.post("/v1/pseudo-labels", summary="Pseudo-label a NIfTI volume or a .npy batch of 2D slices")
+@app.post(
+    "/v1/pseudo-labels",
+    summary="Pseudo-label a NIfTI volume or a .npy batch of 2D slices",
+    response_class=Response,
+    responses=_responses(400, 409, 413, *_CALL_ERRORS, ok=_ARRAY),
+)
 async def pseudo_labels(
     file: UploadFile = File(..., description=".nii, .nii.gz (a volume) or .npy ((B, H, W) or (H, W) slices)"),
     probs: UploadFile | None = File(
@@ -320,7 +385,12 @@ async def pseudo_labels(
     return multipart_response(info, data, name, "application/octet-stream", headers)
 
 
-@app.post("/v1/segment", summary="Prompt-to-mask for one 2D image and one class")
+@app.post(
+    "/v1/segment",
+    summary="Prompt-to-mask for one 2D image and one class",
+    response_class=Response,
+    responses=_responses(400, 413, *_CALL_ERRORS, ok=_ARRAY),
+)
 async def segment(
     image: UploadFile = File(..., description=".npy (H, W) or a NIfTI with one slice"),
     prompt: str = Form(
@@ -336,11 +406,14 @@ async def segment(
     h, w = img.shape
     try:
         p = json.loads(prompt)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, and integers over Python's 4300-digit limit
         raise _bad(f"prompt is not valid JSON: {exc}") from None
     if not isinstance(p, dict) or "class" not in p:
         raise _bad('prompt must be a JSON object with a "class" field')
-    cls = _class_ids(str(p["class"]), await classes())[0]
+    cls_ids = _class_ids(str(p["class"]), await classes())
+    if not cls_ids or len(cls_ids) != 1:
+        raise _bad(f'prompt "class" must name exactly one class, got {str(p["class"])[:64]!r}')
+    cls = cls_ids[0]
     points = point_labels = box = mask_arr = None
     if p.get("points") is not None:
         points = _float_array(p["points"], "points", (-1, 2))
@@ -364,11 +437,9 @@ async def segment(
         mask_arr = read_npy(await mask.read(), RUNTIME.settings.limits.max_array_bytes)
         if mask_arr.shape != img.shape:
             raise _bad(f"mask shape {mask_arr.shape} does not match the image {img.shape}")
-        mask_arr = probabilities(
-            mask_arr[None].astype(np.float32) if mask_arr.dtype != np.uint8 else mask_arr[None],
-            "mask",
-            RUNTIME.settings.limits,
-        )[0]
+        # `probabilities` wants (C ≥ 2, H, W): validate the mask as the two-class map (1 - m, m).
+        m = mask_arr.astype(np.float32) / (255.0 if mask_arr.dtype == np.uint8 else 1.0)
+        mask_arr = probabilities(np.stack([1 - m, m]), "mask", RUNTIME.settings.limits)[1]
     out = await call("segment", img, cls, points, point_labels, box, mask_arr)
     if "error" in out:
         raise _bad(out["error"])
@@ -376,12 +447,20 @@ async def segment(
     return multipart_response(info, write_npy(out["mask"]), "mask.npy", "application/octet-stream")
 
 
-@app.get("/v1/templates", summary="The template bank: version, classes and exemplars")
+@app.get(
+    "/v1/templates",
+    summary="The template bank: version, classes and exemplars",
+    responses=_responses(*_CALL_ERRORS),
+)
 async def list_templates():
     return await call("templates")
 
 
-@app.post("/v1/templates", summary="Add a labeled exemplar (each slice with foreground becomes one)")
+@app.post(
+    "/v1/templates",
+    summary="Add a labeled exemplar (each slice with foreground becomes one)",
+    responses=_responses(400, 409, 413, *_CALL_ERRORS),
+)
 async def add_template(
     image: UploadFile = File(..., description="NIfTI volume/slice or .npy (H, W) / (D, H, W)"),
     label: UploadFile = File(..., description="label map of the same shape, integer class indices"),
@@ -397,11 +476,10 @@ async def add_template(
         raise _bad("patient_id must be 1-64 letters, digits, '_' or '-'")
     try:
         table = json.loads(classes_json)
-        assert isinstance(table, list) and all(
-            isinstance(c, dict) and "index" in c and "name" in c for c in table
-        )
-    except (json.JSONDecodeError, AssertionError):
-        raise _bad('classes must be a JSON list of {"index": int, "name": str}') from None
+    except ValueError:  # JSONDecodeError, and integers over Python's 4300-digit limit
+        table = None
+    if not (isinstance(table, list) and all(isinstance(c, dict) and "index" in c and "name" in c for c in table)):
+        raise _bad('classes must be a JSON list of {"index": int, "name": str}')
     img = read_upload(await image.read(), image.filename or "", None, RUNTIME.settings.limits)
     lab = read_upload(
         await label.read(),
@@ -421,7 +499,9 @@ async def add_template(
     return out
 
 
-@app.delete("/v1/templates/{template_id}", summary="Remove an exemplar")
+@app.delete(
+    "/v1/templates/{template_id}", summary="Remove an exemplar", responses=_responses(400, 404, *_CALL_ERRORS)
+)
 async def remove_template(template_id: str):
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", template_id):
         raise _bad("template ids are 1-64 letters, digits, '_' or '-'")
@@ -431,7 +511,9 @@ async def remove_template(template_id: str):
     return out
 
 
-@app.get("/v1/info", summary="Model, bank version, classes, device and replica")
+@app.get(
+    "/v1/info", summary="Model, bank version, classes, device and replica", responses=_responses(*_CALL_ERRORS)
+)
 async def get_info():
     replica = await call("info")
     return {"service": "vessa", "api_version": "v1", **replica}
@@ -442,7 +524,16 @@ async def healthz():
     return {"status": "ok"}
 
 
-@app.get("/readyz", summary="Readiness: a warmed-up assistant replica answered")
+@app.get(
+    "/readyz",
+    summary="Readiness: a warmed-up assistant replica answered",
+    responses={
+        503: {
+            "description": "Not ready (no replica answered, or still warming up)",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 async def readyz():
     try:
         replica = await asyncio.wait_for(handle().info.remote(), 10)
@@ -455,7 +546,12 @@ async def readyz():
     return {"status": "ready", "bank_version": replica["bank_version"], "model": replica["model"]}
 
 
-@app.get("/metrics", summary="Prometheus metrics")
+@app.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses=_responses(401, ok="text/plain"),
+)
 async def get_metrics():
     now = time.time()
     m_rate.set(sum(n for t, n in recent if t >= now - 60) / 60.0)
@@ -485,7 +581,7 @@ def _queue_depth(settings: ApiSettings, depth: Gauge, pending: Gauge) -> None:
 def _float_array(value, what: str, shape: tuple[int, ...]) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer beyond float64
         raise _bad(f"{what} must be numbers") from None
     if arr.ndim != len(shape) or any(s != -1 and s != d for s, d in zip(shape, arr.shape)):
         raise _bad(f"{what} has shape {list(arr.shape)}, expected {['any' if s == -1 else s for s in shape]}")

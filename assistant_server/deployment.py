@@ -165,6 +165,12 @@ class VessaAssistant:
         except WireError as exc:
             reply, out = error_reply(str(exc), "bad_request", self.assistant)
             return dumps(reply), out
+        limit = self.settings.limits.max_slices
+        if len(call.slices) > limit:  # before splitting: each part alone would pass decode_slices' check
+            reply, out = error_reply(
+                f"{len(call.slices)} slices in one call, at most {limit}", "bad_request", self.assistant
+            )
+            return dumps(reply), out
         size = self.settings.max_batch_slices
         if len(call.slices) <= size:
             return await self._batched((meta, blobs, len(call.slices)))

@@ -8,6 +8,7 @@ input's affine and header with an integer dtype. Everything is validated before 
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -65,7 +66,10 @@ def load_nifti_bytes(data: bytes, limit: int) -> tuple[nib.Nifti1Image, bool]:
     if img is None:
         raise VolumeError("not a NIfTI file (header not recognised)")
     shape = img.shape
-    need = int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+    if any(int(s) < 0 for s in shape):
+        raise VolumeError(f"NIfTI header has a negative dimension: shape {shape}")
+    # Python ints: int64 arithmetic wraps around for the huge dims a lying NIfTI-2 header can hold.
+    need = math.prod(int(s) for s in shape) * img.get_data_dtype().itemsize
     offset = int(img.header.get("vox_offset", 352))
     if len(raw) < offset + need:
         raise VolumeError(
@@ -116,7 +120,7 @@ def read_upload(
     if axis not in (0, 1, 2):
         raise VolumeError(f"axis must be 0, 1 or 2, got {axis}")
     original_shape = tuple(int(s) for s in arr.shape)
-    slices = np.moveaxis(arr, axis, 0)
+    slices = _as_float32(np.moveaxis(arr, axis, 0), is_label)
     _check_slices(slices, limits, is_label)
     if channels is not None:
         channels = np.moveaxis(np.moveaxis(channels, 3, 0), axis + 1, 0)  # (D, C, H, W)
@@ -137,9 +141,19 @@ def _from_npy(data: bytes, limits: Limits, is_label: bool) -> UploadedVolume:
         raise VolumeError(f".npy slices must be (H, W) or (B, H, W), got shape {arr.shape}")
     if arr.dtype == np.bool_ and not is_label:
         raise VolumeError("a boolean array is not an image")
+    arr = _as_float32(arr, is_label)
     _check_slices(arr, limits, is_label)
     arr = np.ascontiguousarray(arr, dtype=np.int64 if is_label else np.float32)
     return UploadedVolume("npy", arr, original_shape, 0)
+
+
+def _as_float32(slices: np.ndarray, is_label: bool) -> np.ndarray:
+    """Images as the float32 they are served in, before the checks: a float64 value (or a NIfTI scaled
+    by scl_slope) beyond float32's range becomes inf in the cast, so the finiteness check must see it."""
+    if is_label or slices.dtype == np.float32 or slices.dtype.kind not in "fiu":
+        return slices
+    with np.errstate(over="ignore", invalid="ignore"):
+        return slices.astype(np.float32)
 
 
 def _check_slices(slices: np.ndarray, limits: Limits, is_label: bool) -> None:

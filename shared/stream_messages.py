@@ -24,7 +24,7 @@ from shared.wire import WireError
 REQUEST_STREAM = "vessa:requests"
 DEAD_LETTER_STREAM = "vessa:dead"
 GROUP = "vessa-dispatchers"
-_TRAINER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TRAINER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # used with fullmatch: "$" would accept a trailing newline
 MAX_BLOBS = 100_000
 
 
@@ -45,21 +45,23 @@ class RequestEnvelope(BaseModel):
     reply_stream: str
     call: AssistCall
     n_blobs: int = Field(ge=0, le=MAX_BLOBS)
-    blob_key: str | None = None
+    # Only the request's own payload key: the dispatcher reads and deletes this key, so any other
+    # name would let a request delete or read keys it does not own.
+    blob_key: str | None = Field(default=None, pattern=r"^vessa:blob:[0-9a-f]{32}$")
     created: float = Field(default_factory=time.time)
     deadline_s: float | None = None  # the trainer stops waiting after this; later work is wasted
 
     @field_validator("trainer_id")
     @classmethod
     def _trainer(cls, v: str) -> str:
-        if not _TRAINER_RE.match(v):
+        if not _TRAINER_RE.fullmatch(v):
             raise ValueError("trainer id must be 1-64 letters, digits, '.', '_' or '-'")
         return v
 
     @field_validator("reply_stream")
     @classmethod
     def _reply(cls, v: str) -> str:
-        if not v.startswith("vessa:results:") or not _TRAINER_RE.match(v[len("vessa:results:") :]):
+        if not v.startswith("vessa:results:") or not _TRAINER_RE.fullmatch(v[len("vessa:results:") :]):
             raise ValueError("reply stream must be vessa:results:<trainer id>")
         return v
 

@@ -9,6 +9,7 @@ the REST layer turns into a 4xx and the dispatcher into an error result.
 from __future__ import annotations
 
 import io
+import math
 import zlib
 from typing import Literal
 
@@ -62,15 +63,21 @@ class ArraySpec(BaseModel):
         return v
 
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        # Python ints: np.prod in int64 wraps around for huge shapes (2^24 ^ 4 → 0), which would let a
+        # lying spec past the size checks.
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
 def encode_array(arr: np.ndarray, blobs: list[bytes], compress: bool | None = None) -> ArraySpec:
     """Append `arr`'s bytes to `blobs` and return its spec. compress=None: zlib above 16 KiB when it
     saves at least a quarter (label maps and probabilities compress well, noisy images do not)."""
-    arr = np.ascontiguousarray(arr)
+    arr = np.asarray(arr, order="C")  # not ascontiguousarray: that turns a 0-d array into 1-d
     if arr.dtype.name not in ALLOWED_DTYPES:
         raise WireError(f"cannot send dtype {arr.dtype}")
+    if not arr.dtype.isnative:
+        # The wire carries native byte order: a big-endian array's bytes under the same dtype name
+        # would be read back as garbage.
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     raw = arr.tobytes()
     codec = "raw"
     data = raw
@@ -98,6 +105,8 @@ def decode_array(spec: ArraySpec, blobs: list[bytes], max_bytes: int = DEFAULT_M
             data = d.decompress(data, expected + 1)  # bounded: never inflate past what the shape says
         except zlib.error as exc:
             raise WireError(f"binary part {spec.blob} is not valid zlib data: {exc}") from None
+        if len(data) == expected and not d.eof:  # complete payload, checksum cut off: truncated
+            raise WireError(f"binary part {spec.blob} is truncated zlib data (stream not finished)")
     if len(data) != expected:
         raise WireError(
             f"binary part {spec.blob} holds {len(data)} bytes, but shape {spec.shape} of {spec.dtype} needs {expected}"
@@ -124,7 +133,9 @@ def read_npy(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
         raise WireError(f".npy dtype {dtype} not allowed (allowed: {', '.join(ALLOWED_DTYPES)})")
     if len(shape) > MAX_NDIM:
         raise WireError(f".npy array has {len(shape)} dimensions, at most {MAX_NDIM} allowed")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if any(d < 0 for d in shape):
+        raise WireError(f".npy array has a negative dimension: shape {shape}")
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no int64 wrap-around
     if expected > max_bytes:
         raise WireError(f".npy array of shape {shape} is {expected} bytes, over the limit {max_bytes}")
     if len(data) - bio.tell() < expected:
@@ -132,14 +143,15 @@ def read_npy(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
             f".npy data is truncated: {len(data) - bio.tell()} bytes for shape {shape} of {dtype}"
         )
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:
         raise WireError(f"cannot read .npy: {exc}") from None
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
 def write_npy(arr: np.ndarray) -> bytes:
     bio = io.BytesIO()
-    np.save(bio, np.ascontiguousarray(arr), allow_pickle=False)
+    np.save(bio, np.asarray(arr, order="C"), allow_pickle=False)
     return bio.getvalue()
 
 

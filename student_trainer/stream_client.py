@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.dispatcher import connect
+from services.dispatcher import auth_error, connect
 from shared.canonical import to_uint8
 from shared.hashing import slice_hash
 from shared.protocol import encode_call
@@ -100,6 +100,7 @@ class AsyncStreamClient:
         # The blocking XREAD gets its own connection without redis-py's retry wrapper (the read loop
         # backs off by itself), so a cancelled read ends at once instead of being retried.
         self._reader_redis: aioredis.Redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)
+        self._url = redis_url
         self.trainer_id = trainer_id
         self.reply_stream = result_stream(trainer_id)
         self.request_stream = request_stream
@@ -137,6 +138,8 @@ class AsyncStreamClient:
             except ResponseError:  # no such stream yet
                 self._last_id = "0-0"
                 break
+            except AuthenticationError as exc:  # a wrong or missing password: retrying will not help
+                raise auth_error(self._url, exc) from None
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
@@ -242,13 +245,16 @@ class AsyncStreamClient:
                     await self.redis.xadd(self.request_stream, request_fields(env, blobs))
                 return
             except ResponseError as exc:
-                if "OOM" in str(exc):
+                # redis-py ≥ 4 raises OutOfMemoryError and strips the "OOM" code from the message
+                if isinstance(exc, OutOfMemoryError) or "OOM" in str(exc):
                     self.stats["queue_full"] += 1
                     raise QueueFullError(
                         "Redis is full (maxmemory reached; the queue runs noeviction so nothing is dropped): "
                         "the request was not queued — slow down or raise maxmemory"
                     ) from exc
                 raise
+            except AuthenticationError as exc:
+                raise auth_error(self._url, exc) from None
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if attempt == 7:
                     raise
