@@ -87,6 +87,7 @@ class DispatcherSettings(VessaSettings):
     max_attempts: int = 3
     retry_backoff_s: float = 0.5
     call_timeout_s: float = 120.0
+    shutdown_grace_s: float = 10.0  # on SIGTERM: finish calls in flight for this long, leave the rest pending
     result_ttl_s: int = 3600
     result_maxlen: int = 10_000
     done_ttl_s: int = 86_400
@@ -223,7 +224,8 @@ class Dispatcher:
         finally:
             housekeeping.cancel()
             if self._tasks:
-                await asyncio.wait(self._tasks, timeout=self.s.call_timeout_s)
+                # Unfinished entries stay pending and another dispatcher reclaims them.
+                await asyncio.wait(self._tasks, timeout=self.s.shutdown_grace_s)
             await self.redis.aclose()
 
     async def _read_once(self) -> None:

@@ -12,6 +12,7 @@ message naming the problem, never a nibabel internal exception, so a server can 
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -86,7 +87,7 @@ def nifti_from_bytes(data: bytes, filename_hint: str | None = None) -> nib.Nifti
     itemsize = np.dtype(hdr.get_data_dtype()).itemsize
     # The image's header copy has vox_offset reset; the array proxy keeps the file's offset.
     offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))
-    needed = offset + int(np.prod(shape)) * itemsize
+    needed = offset + math.prod(shape) * itemsize  # Python ints: int64 wraps for lying NIfTI-2 dims
     if len(data) < needed:
         raise ValueError(
             f"truncated NIfTI{where}: {len(data)} bytes, the header needs {needed} for shape {shape}"
