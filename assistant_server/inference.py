@@ -308,21 +308,26 @@ class Assistant:
             self._stats["batches"] += 1
         return outputs  # type: ignore[return-value]
 
-    def _decode(
-        self, emb: torch.Tensor, state: _BankState, ids: list[int], student: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """emb: (B, 256, 64, 64) → probs (B, 1+M, 256, 256) over background + ids, confidence (B, M)."""
+    def _forward(self, emb: torch.Tensor, state: _BankState, ids: list[int], **prompts):
+        """The model on query embeddings (B, 256, 64, 64) with their top-k templates retrieved;
+        `prompts`: student_probs, sparse_prompts, mask_prompt (see VessaModel.forward)."""
         with torch.inference_mode(), self._autocast():
             emb = emb.to(torch.float32) if self.device.type == "cpu" else emb
             idx = self._retrieve(global_descriptor(emb), state)
-            out = self.model(
+            return self.model(
                 query_embeddings=emb,
                 template_keys=state.keys[idx],
                 template_labels=state.label_grid[idx],
                 text_embeddings=state.text,
                 class_ids=ids,
-                student_probs=student,
+                **prompts,
             )
+
+    def _decode(
+        self, emb: torch.Tensor, state: _BankState, ids: list[int], student: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """emb: (B, 256, 64, 64) → probs (B, 1+M, 256, 256) over background + ids, confidence (B, M)."""
+        out = self._forward(emb, state, ids, student_probs=student)
         return combine_classes(out.logits.float()), out.confidence.float()
 
     def _retrieve(self, descriptors: torch.Tensor, state: _BankState) -> torch.Tensor:
@@ -404,18 +409,7 @@ class Assistant:
             )
         hashes, embs, _ = self.embeddings([SliceInput(image=image)])
         t0 = time.perf_counter()
-        with torch.inference_mode(), self._autocast():
-            emb = embs[0][None].to(torch.float32) if self.device.type == "cpu" else embs[0][None]
-            idx = self._retrieve(global_descriptor(emb), state)
-            out = self.model(
-                query_embeddings=emb,
-                template_keys=state.keys[idx],
-                template_labels=state.label_grid[idx],
-                text_embeddings=state.text,
-                class_ids=ids,
-                sparse_prompts=sparse,
-                mask_prompt=mask_prompt,
-            )
+        out = self._forward(embs[0][None], state, ids, sparse_prompts=sparse, mask_prompt=mask_prompt)
         logits = restore_size(out.logits[0].float(), (h, w))[0]
         with self._lock:
             self._stats["decoder_s"] += time.perf_counter() - t0

@@ -113,11 +113,13 @@ def run(args) -> dict:
     for b in args.batches:
         cold_sl = [new_slices(b) for _ in range(args.reps + 1)]
         it = iter(cold_sl)
-        cold = timed(lambda: a.predict([SliceInput(image=s) for s in next(it)]), device, args.reps)
+        cold = timed(lambda it=it: a.predict([SliceInput(image=s) for s in next(it)]), device, args.reps)
         warm_sl = new_slices(b)
         a.predict([SliceInput(image=s) for s in warm_sl])
         probs = np.full((4, 256, 256), 0.25, np.float32)
-        warm = timed(lambda: a.predict([SliceInput(image=s, student_probs=probs) for s in warm_sl]), device, args.reps)
+        warm = timed(
+            lambda sl=warm_sl, p=probs: a.predict([SliceInput(image=s, student_probs=p) for s in sl]), device, args.reps
+        )
         enc0 = a.stats()["encoder_s"]
         a.predict([SliceInput(image=s) for s in new_slices(b)])
         enc = a.stats()["encoder_s"] - enc0
@@ -128,7 +130,7 @@ def run(args) -> dict:
     for n in args.scaling:
         sl = new_slices(n)
         a.predict([SliceInput(image=s) for s in sl])
-        t = timed(lambda: a.predict([SliceInput(image=s) for s in sl]), device, max(1, args.reps // 2))
+        t = timed(lambda sl=sl: a.predict([SliceInput(image=s) for s in sl]), device, max(1, args.reps // 2))
         results["scaling"].append({"slices_per_request": n, "ms_per_slice_warm": 1000 * t / n})
     rate = matmul_tflops(device)
     results["matmul_tflops"] = rate
