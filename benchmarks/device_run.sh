@@ -30,7 +30,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ "$SMALL" = 1 ]; then
   # the smallest form: the same code paths, the tiny stand-in encoder, a handful of requests
   MODEL=(--batches 1,4 --scaling 1,4 --reps 1 --encoder tiny)
-  SERVE=(--requests 8 --concurrency 4 --max-batch 16 --encoder tiny --ray-cpus 2)
+  SERVE=(--requests 4 --concurrency 2 --max-batch 16 --encoder tiny --ray-cpus 2)
   TRAIN=(--iters 3 --warmup 1 --image-size 64 --batch-size 8 --cases 6 --assistant-encoder tiny)
 else
   MODEL=(--batches 1,32,256 --scaling 1,8,64,512 --reps 3)
@@ -38,7 +38,6 @@ else
   TRAIN=(--iters 100 --warmup 20 --image-size 256 --batch-size 24)
 fi
 $PY -m benchmarks.model_bench "${MODEL[@]}" --json "$OUT/model.json"
-$PY -m benchmarks.serving --mode cold "${SERVE[@]}" --json "$OUT/serving_cold.json"
-$PY -m benchmarks.serving --mode warm "${SERVE[@]}" --json "$OUT/serving_warm.json"
+$PY -m benchmarks.serving --mode both "${SERVE[@]}" --json "$OUT/serving.json"
 $PY -m student_trainer.benchmark --methods bcp,bcp_vessa --assistant inprocess "${TRAIN[@]}" --json "$OUT/trainer.json"
 $PY -m benchmarks.summarise "$OUT"

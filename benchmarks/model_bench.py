@@ -141,8 +141,12 @@ def run(args) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"assistant alone — {res['device']}, {res['encoder']}; matrix rate {res['matmul_tflops']:.1f} TFLOP/s → cold floor "
-             f"{res['cold_floor_slices_per_s']:.0f} slices/s (encoder {ENCODER_GFLOP:.0f} GFLOP/slice)"]
+    floor = (
+        f"cold floor {res['cold_floor_slices_per_s']:.0f} slices/s (LiteMedSAM encoder {ENCODER_GFLOP:.0f} GFLOP/slice)"
+        if res["encoder"] == "litemedsam"
+        else "no floor: the tiny stand-in encoder"
+    )
+    lines = [f"assistant alone — {res['device']}, {res['encoder']}; matrix rate {res['matmul_tflops']:.1f} TFLOP/s → {floor}"]
     lines.append(f"{'batch':>6s} {'cold sl/s':>10s} {'warm sl/s':>10s} {'enc ms/sl':>10s} {'dec ms/sl':>10s}")
     for r in res["rows"]:
         lines.append(f"{r['batch']:6d} {r['cold_slices_per_s']:10.1f} {r['warm_slices_per_s']:10.1f} {r['encoder_ms_per_slice']:10.2f} {r['decoder_ms_per_slice']:10.2f}")

@@ -1,6 +1,6 @@
 """Serving paths side by side, in one run: slices/s and latency, as ratios to the DeploymentHandle path.
 
-    python -m benchmarks.serving [--device cpu] [--mode warm|cold] [--requests 64] [--concurrency 8]
+    python -m benchmarks.serving [--device cpu] [--mode both|warm|cold] [--requests 64] [--concurrency 8]
                                  [--encoder litemedsam] [--json OUT]
 
 Paths: the assistant in-process (one request at a time, and all at once as one batch: the model alone),
@@ -44,12 +44,18 @@ def row(name: str, slices: int, wall: float, lat: list[float], requests: int) ->
     }
 
 
+_STAMP = iter(range(1, 1 << 31))
+
+
 def make_slices(n: int, seed: int, base: np.ndarray) -> np.ndarray:
-    """n distinct canonical uint8 slices: real synthetic slices with a per-slice intensity twist."""
+    """n never-seen canonical uint8 slices: real synthetic slices, each stamped with a unique serial
+    number in three corner pixels (so no two ever share a content hash, and cold stays cold)."""
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(base), n)
-    noise = rng.integers(0, 3, size=(n, 1, 1), dtype=np.uint8)
-    return np.clip(base[idx].astype(np.int16) + noise + np.arange(n)[:, None, None] % 2, 0, 255).astype(np.uint8)
+    out = base[rng.integers(0, len(base), n)].copy()
+    for i in range(n):
+        k = next(_STAMP)
+        out[i, 0, :3] = (k & 255, (k >> 8) & 255, (k >> 16) & 255)
+    return out
 
 
 async def run_concurrent(fn, items: list, concurrency: int) -> tuple[float, list[float]]:
@@ -100,40 +106,17 @@ async def bench(args) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="vessa-bench-"))
     bank, base = setup_data(work, args.encoder, args.device)
     n_req, conc, spr = args.requests, args.concurrency, args.slices_per_request
-    warm = args.mode == "warm"
     classes = None  # all classes of a slice in one pass
-    rows: list[dict] = []
+    modes = ["cold", "warm"] if args.mode == "both" else [args.mode]
+    serial = iter(range(1, 1_000_000))
 
-    def batch_of(k: int, seed: int) -> list[np.ndarray]:
-        return [make_slices(spr, seed * 100_003 + i, base) for i in range(k)]
+    def new_requests(k: int, size: int = spr) -> list[np.ndarray]:
+        """k requests of never-seen slices (every call draws new seeds)."""
+        return [make_slices(size, 100_003 * next(serial), base) for _ in range(k)]
 
-    def fresh(seed: int) -> list[np.ndarray]:
-        return batch_of(n_req, seed if not warm else 0)
-
-    # ---------------------------------------------------------------- in-process
-    a = Assistant.from_files("pretrained", bank, device=args.device, encoder=args.encoder, cache_device_entries=100_000)
-    a.predict([SliceInput(image=base[0])])  # warm-up
-    reqs = fresh(1)
-    if warm:
-        a.predict([SliceInput(image=s) for r in reqs for s in r])
-    lat = []
-    t0 = time.perf_counter()
-    for r in reqs:
-        t1 = time.perf_counter()
-        a.predict([SliceInput(image=s) for s in r], classes)
-        lat.append(time.perf_counter() - t1)
-    rows.append(row("in-process, one request at a time", n_req * spr, time.perf_counter() - t0, lat, n_req))
-    reqs = fresh(2)
-    if warm:
-        a.predict([SliceInput(image=s) for r in reqs for s in r])
-    t0 = time.perf_counter()
-    a.predict([SliceInput(image=s) for r in reqs for s in r], classes)
-    wall = time.perf_counter() - t0
-    rows.append(row("model alone (all slices as one batch)", n_req * spr, wall, [wall], 1))
-    model_stats = a.stats()
-    del a
-
-    # ---------------------------------------------------------------- Serve
+    # ---------------------------------------------------------------- set everything up once
+    assistant = Assistant.from_files("pretrained", bank, device=args.device, encoder=args.encoder, cache_device_entries=100_000)
+    assistant.predict([SliceInput(image=base[0])])  # lazy initialisation out of the timings
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -147,91 +130,90 @@ async def bench(args) -> list[dict]:
         "max_upload_mb": 1024,
     }
     actor = {"ray_actor_options": {"num_cpus": 0, "num_gpus": 1 if args.device == "cuda" else 0}, "max_ongoing_requests": 1024}
-    serve.run(
-        build_app({**common, "max_batch_slices": args.max_batch}, {"VessaAssistant": actor, "VessaIngress": {"ray_actor_options": {"num_cpus": 0}}}),
-        name="vessa",
-        route_prefix="/",
-    )
+    ingress = {"ray_actor_options": {"num_cpus": 0}}
+    serve.run(build_app({**common, "max_batch_slices": args.max_batch}, {"VessaAssistant": actor, "VessaIngress": ingress}), name="vessa", route_prefix="/")
+    serve.run(build_app({**common, "max_batch_slices": 1}, {"VessaAssistant": actor, "VessaIngress": ingress}), name="nobatch", route_prefix="/nobatch")
     url = f"http://127.0.0.1:{port}"
     handle = serve.get_deployment_handle("VessaAssistant", app_name="vessa")
+    nobatch = serve.get_deployment_handle("VessaAssistant", app_name="nobatch")
+    redis_server = EmbeddedRedis(work / "redis").start()
+    dispatchers = [
+        Dispatcher(DispatcherSettings(redis_url=redis_server.url, consumer=f"bench-{i}", max_inflight=conc * 2), serve_handle_caller())
+        for i in range(args.dispatchers)
+    ]
+    tasks = [asyncio.create_task(d.run()) for d in dispatchers]
+    client = AsyncStreamClient(redis_server.url, "bench", max_in_flight=conc)
+    await client.start()
+    http = httpx.AsyncClient(base_url=url, timeout=600)
 
     async def via_handle(h, r):
         meta, blobs = encode_call(list(r), class_ids=classes)
         m, _ = await h.assist.remote(meta.model_dump_json(), blobs)
         assert AssistReply.model_validate_json(m).status == "ok"
 
-    async def warm_up(reqs):
-        if warm:
-            await run_concurrent(lambda r: via_handle(handle, r), reqs, conc)
+    async def one_request(r):
+        reply = await http.post("/v1/pseudo-labels", files={"file": ("s.npy", write_npy(r))})
+        assert reply.status_code == 200, reply.text
 
-    reqs = fresh(3)
-    await via_handle(handle, reqs[0])
-    await warm_up(reqs)
-    wall, lat = await run_concurrent(lambda r: via_handle(handle, r), reqs, conc)
-    handle_row = row("DeploymentHandle", n_req * spr, wall, lat, n_req)
-    rows.append(handle_row)
-
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-
-        async def one_slice(s):
-            r = await http.post("/v1/pseudo-labels", files={"file": ("s.npy", write_npy(s))})
-            assert r.status_code == 200, r.text
-
-        singles = [s for r in fresh(4) for s in r]
-        await warm_up([s[None] for s in singles])
-        wall, lat = await run_concurrent(one_slice, singles, conc)
-        rows.append(row("HTTP, one slice per request", len(singles), wall, lat, len(singles)))
-
-        n_vol = max(1, n_req * spr // 16)
-        vols = [make_slices(16, 500 + i if not warm else 7 + i, base) for i in range(n_vol)]
-        await warm_up(vols)
-        payloads = [nifti_bytes(np.transpose(v, (1, 2, 0)).astype(np.float32), zooms=(1.5, 1.5, 8.0)) for v in vols]
-
-        async def one_volume(p):
-            r = await http.post("/v1/pseudo-labels", files={"file": ("v.nii.gz", p)})
-            assert r.status_code == 200, r.text
-
-        wall, lat = await run_concurrent(one_volume, payloads, max(1, conc // 4))
-        rows.append(row("HTTP, 16-slice volume per request", n_vol * 16, wall, lat, n_vol))
-
-    # ---------------------------------------------------------------- no batching
-    serve.run(
-        build_app({**common, "max_batch_slices": 1}, {"VessaAssistant": actor, "VessaIngress": {"ray_actor_options": {"num_cpus": 0}}}),
-        name="nobatch",
-        route_prefix="/nobatch",
-    )
-    h1 = serve.get_deployment_handle("VessaAssistant", app_name="nobatch")
-    reqs = fresh(5)
-    await via_handle(h1, reqs[0])
-    if warm:
-        await run_concurrent(lambda r: via_handle(h1, r), reqs, conc)
-    wall, lat = await run_concurrent(lambda r: via_handle(h1, r), reqs, conc)
-    rows.append(row("DeploymentHandle, @serve.batch off (1 slice/batch)", n_req * spr, wall, lat, n_req))
-    serve.delete("nobatch")
-
-    # ---------------------------------------------------------------- Redis path
-    redis_server = EmbeddedRedis(work / "redis").start()
-    dispatchers = []
-    tasks = []
-    for i in range(args.dispatchers):
-        d = Dispatcher(DispatcherSettings(redis_url=redis_server.url, consumer=f"bench-{i}", max_inflight=conc * 2), serve_handle_caller())
-        dispatchers.append(d)
-        tasks.append(asyncio.create_task(d.run()))
-    client = AsyncStreamClient(redis_server.url, "bench", max_in_flight=conc)
-    await client.start()
+    async def one_volume(p):
+        reply = await http.post("/v1/pseudo-labels", files={"file": ("v.nii.gz", p)})
+        assert reply.status_code == 200, reply.text
 
     async def via_redis(r):
         rid = await client.submit(r, class_ids=classes)
         res = await client.result(rid, 600)
         assert res is not None and res.status == "ok", res
 
-    reqs = fresh(6)
-    await via_redis(reqs[0])
-    if warm:
-        await run_concurrent(via_redis, reqs, conc)  # the assistant caches, the client learns the hashes
-    wall, lat = await run_concurrent(via_redis, reqs, conc)
-    rows.append(row(f"Redis path ({args.dispatchers} dispatcher{'s' if args.dispatchers > 1 else ''})", n_req * spr, wall, lat, n_req))
-    hash_only = client.stats["hash_only_slices"]
+    for fn in (lambda r: via_handle(handle, r), lambda r: via_handle(nobatch, r), one_request, via_redis):
+        await fn(new_requests(1)[0])  # each path once, before anything is timed
+
+    async def measure(mode: str) -> list[dict]:
+        """Every path on never-seen slices (cold) or on slices each path has seen once (warm)."""
+        warm = mode == "warm"
+        rows: list[dict] = []
+
+        async def timed_path(name: str, fn, reqs: list, concurrency: int, slices: int) -> dict:
+            if warm:
+                await run_concurrent(fn, reqs, concurrency)  # embeddings cached, hashes learned
+            wall, lat = await run_concurrent(fn, reqs, concurrency)
+            rows.append(row(name, slices, wall, lat, len(reqs)))
+            return rows[-1]
+
+        reqs = new_requests(n_req)
+        if warm:
+            assistant.predict([SliceInput(image=x) for r in reqs for x in r])
+        lat = []
+        t0 = time.perf_counter()
+        for r in reqs:
+            t1 = time.perf_counter()
+            assistant.predict([SliceInput(image=x) for x in r], classes)
+            lat.append(time.perf_counter() - t1)
+        rows.append(row("in-process, one request at a time", n_req * spr, time.perf_counter() - t0, lat, n_req))
+        reqs = new_requests(n_req)
+        if warm:
+            assistant.predict([SliceInput(image=x) for r in reqs for x in r])
+        t0 = time.perf_counter()
+        assistant.predict([SliceInput(image=x) for r in reqs for x in r], classes)
+        wall = time.perf_counter() - t0
+        rows.append(row("model alone (all slices as one batch)", n_req * spr, wall, [wall], 1))
+        handle_row = await timed_path("DeploymentHandle", lambda r: via_handle(handle, r), new_requests(n_req), conc, n_req * spr)
+        singles = [x[None] for x in new_requests(1, n_req * spr)[0]]
+        await timed_path("HTTP, one slice per request", one_request, singles, conc, len(singles))
+        n_vol = max(1, n_req * spr // 16)
+        vols = [nifti_bytes(np.transpose(v, (1, 2, 0)).astype(np.float32), zooms=(1.5, 1.5, 8.0)) for v in new_requests(n_vol, 16)]
+        await timed_path("HTTP, 16-slice volume per request", one_volume, vols, max(1, conc // 4), n_vol * 16)
+        await timed_path("DeploymentHandle, @serve.batch off (1 slice/batch)", lambda r: via_handle(nobatch, r), new_requests(n_req), conc, n_req * spr)
+        plural = "s" if args.dispatchers > 1 else ""
+        await timed_path(f"Redis path ({args.dispatchers} dispatcher{plural})", via_redis, new_requests(n_req), conc, n_req * spr)
+        for r in rows:
+            r["ratio_to_handle"] = r["slices_per_s"] / handle_row["slices_per_s"] if handle_row["slices_per_s"] else float("nan")
+        return rows
+
+    results = {}
+    for mode in modes:
+        results[mode] = await measure(mode)
+    results["_meta"] = {"model_stats": assistant.stats(), "redis_hash_only_slices": client.stats["hash_only_slices"]}
+    await http.aclose()
     await client.close()
     for d in dispatchers:
         d.stop()
@@ -239,12 +221,7 @@ async def bench(args) -> list[dict]:
     redis_server.stop()
     serve.shutdown()
     ray.shutdown()
-
-    base_rate = handle_row["slices_per_s"]
-    for r in rows:
-        r["ratio_to_handle"] = r["slices_per_s"] / base_rate if base_rate else float("nan")
-    rows.append({"path": "_meta", "model_stats": model_stats, "redis_hash_only_slices": hash_only})
-    return rows
+    return results
 
 
 def print_table(rows: list[dict], title: str) -> str:
@@ -264,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--encoder", default="litemedsam", choices=["litemedsam", "tiny"])
-    p.add_argument("--mode", default="warm", choices=["warm", "cold"])
+    p.add_argument("--mode", default="both", choices=["both", "warm", "cold"])
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--slices-per-request", type=int, default=1)
@@ -273,14 +250,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ray-cpus", type=int, default=max(2, os.cpu_count() or 2))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    rows = asyncio.run(bench(args))
-    title = (
-        f"VESSA serving paths — {args.mode}, {args.encoder}, device {args.device}, {args.requests} requests × "
-        f"{args.slices_per_request} slice(s), concurrency {args.concurrency}, max batch {args.max_batch} — "
-        f"{platform.node()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-    )
-    table = print_table(rows, title)
-    out = {"args": vars(args) | {"json": str(args.json)}, "rows": rows, "table": table, "machine": _machine(args.device)}
+    results = asyncio.run(bench(args))
+    tables = []
+    for mode, rows in results.items():
+        if mode.startswith("_"):
+            continue
+        title = (
+            f"VESSA serving paths — {mode}, {args.encoder}, device {args.device}, {args.requests} requests × "
+            f"{args.slices_per_request} slice(s), concurrency {args.concurrency}, max batch {args.max_batch} — "
+            f"{platform.node()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        )
+        tables.append(print_table(rows, title))
+    table = "\n\n".join(tables)
+    out = {"args": vars(args) | {"json": str(args.json)}, "modes": results, "table": table, "machine": _machine(args.device)}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1, default=str))

@@ -26,8 +26,8 @@ def _path(rows: list[dict], prefix: str) -> dict:
 
 def summarise(folder: Path) -> dict:
     model = json.loads((folder / "model.json").read_text())
-    cold = json.loads((folder / "serving_cold.json").read_text())["rows"]
-    warm = json.loads((folder / "serving_warm.json").read_text())["rows"]
+    serving = json.loads((folder / "serving.json").read_text())["modes"]
+    cold, warm = serving["cold"], serving["warm"]
     trainer = json.loads((folder / "trainer.json").read_text())
     rates = {m["method"]: m["it_per_s"] for m in trainer["methods"]}
     alone_cold = _path(cold, "model alone")["slices_per_s"]

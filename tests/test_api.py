@@ -53,6 +53,7 @@ def test_nifti_volume_round_trip(client, volume):
 
 def test_uncompressed_nifti_and_explicit_axis(client, volume):
     arr, affine, zooms, _ = volume
+    arr = np.ascontiguousarray(arr[:20])  # axis 0 of the full volume would mean ~200 slices
     raw = gzip.decompress(nifti_bytes(arr, affine, zooms))
     result = client.pseudo_labels(raw, axis=0, classes="LV")
     assert result.nifti[:2] != b"\x1f\x8b"  # .nii in, .nii out

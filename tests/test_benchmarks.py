@@ -32,5 +32,5 @@ def test_device_run_smallest_form(tmp_path):
     ):
         assert key in figures and figures[key] == figures[key] and figures[key] > 0, key  # measured, not NaN
     assert "figure" in proc.stdout and "target" in proc.stdout  # the one table was printed
-    for name in ("model.json", "serving_cold.json", "serving_warm.json", "trainer.json"):
+    for name in ("model.json", "serving.json", "trainer.json"):
         assert (tmp_path / "out" / name).is_file()
