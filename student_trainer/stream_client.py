@@ -82,6 +82,7 @@ class _Pending:
     resent: int = 0
     meta: dict = field(default_factory=dict)
     sent_at: float = field(default_factory=time.perf_counter)
+    entry_id: bytes | str | None = None  # the request's entry on the request stream (root requests)
 
 
 class AsyncStreamClient:
@@ -94,7 +95,7 @@ class AsyncStreamClient:
         blob_threshold: int = 8 * 1024 * 1024,
         blob_ttl_s: int = 900,
         send_hashes: bool = True,
-        resend_after_s: float = 30.0,
+        resend_after_s: float = 60.0,
     ):
         self.redis: aioredis.Redis = connect(redis_url)
         # The blocking XREAD gets its own connection without redis-py's retry wrapper (the read loop
@@ -167,20 +168,29 @@ class AsyncStreamClient:
             log.debug("closing the redis client: %s", exc)
 
     async def _resend_loop(self) -> None:
-        """Resend requests unanswered for `resend_after_s` under the same id: if Redis lost them (a
-        crash inside its fsync window) they are queued again; if not, the dispatcher's done marker makes
-        the copy a no-op. Either way each request completes once."""
+        """Resend, under the same id, requests that Redis lost (a crash inside its fsync window).
+
+        A request unanswered for `resend_after_s` is checked, not blindly resent: while its entry is
+        still on the request stream it is merely queued or being worked on (a busy assistant is not a
+        lost request, and resending would only add load), and once its done marker exists its result is
+        on the way. Only an entry that is gone without a result is sent again; each request still
+        completes once."""
         while True:
             await asyncio.sleep(max(0.5, self.resend_after_s / 4))
             now = time.perf_counter()
             for rid, p in list(self._pending.items()):
-                if p.parent is None and not p.children and now - p.sent_at > self.resend_after_s:
-                    p.sent_at = now
+                if p.parent is not None or p.children or now - p.sent_at <= self.resend_after_s:
+                    continue
+                p.sent_at = now
+                try:
+                    if p.entry_id is not None and await self.redis.xrange(self.request_stream, p.entry_id, p.entry_id, count=1):
+                        continue
+                    if await self.redis.exists(f"vessa:done:{rid}"):
+                        continue
                     self.stats["resent_requests"] += 1
-                    try:
-                        await self._send(rid, list(range(len(p.images))), p, allow_hash=False)
-                    except Exception as exc:
-                        log.warning("resend of %s failed: %s", rid, exc)
+                    await self._send(rid, list(range(len(p.images))), p, allow_hash=False)
+                except Exception as exc:
+                    log.warning("resend check of %s failed: %s", rid, exc)
 
     # ------------------------------------------------------------------------------------------ submit
     async def submit(
@@ -240,9 +250,10 @@ class AsyncStreamClient:
                         pipe.rpush(key, *blobs)
                         pipe.expire(key, self.blob_ttl_s)
                         pipe.xadd(self.request_stream, request_fields(env, None))
-                        await pipe.execute()
+                        entry_id = (await pipe.execute())[-1]
                 else:
-                    await self.redis.xadd(self.request_stream, request_fields(env, blobs))
+                    entry_id = await self.redis.xadd(self.request_stream, request_fields(env, blobs))
+                p.entry_id = entry_id
                 return
             except ResponseError as exc:
                 # redis-py ≥ 4 raises OutOfMemoryError and strips the "OOM" code from the message
