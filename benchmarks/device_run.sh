@@ -30,8 +30,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ "$SMALL" = 1 ]; then
   # the smallest form: the same code paths, the tiny stand-in encoder, a handful of requests
   MODEL=(--batches 1,4 --scaling 1,4 --reps 1 --encoder tiny)
-  SERVE=(--requests 4 --concurrency 2 --max-batch 16 --encoder tiny --ray-cpus 2)
-  TRAIN=(--iters 3 --warmup 1 --image-size 64 --batch-size 8 --cases 6 --assistant-encoder tiny)
+  SERVE=(--requests 4 --concurrency 2 --volume-slices 4 --max-batch 16 --encoder tiny --ray-cpus 2)
+  TRAIN=(--iters 2 --warmup 1 --image-size 64 --batch-size 8 --cases 6 --assistant-encoder tiny)
 else
   MODEL=(--batches 1,32,256 --scaling 1,8,64,512 --reps 3)
   SERVE=(--requests 512 --concurrency 64 --slices-per-request 16 --max-batch 512 --dispatchers 2)

@@ -4,7 +4,7 @@
                                  [--encoder litemedsam] [--json OUT]
 
 Paths: the assistant in-process (one request at a time, and all at once as one batch: the model alone),
-a DeploymentHandle, HTTP with one slice per request, HTTP with a 16-slice NIfTI volume per request,
+a DeploymentHandle, HTTP with one slice per request, HTTP with a 16-slice NIfTI volume per request (`--volume-slices`),
 the handle path without `@serve.batch` batching (max 1 slice per batch: the batching gain), and the
 Redis path (stream client → Redis → dispatcher → handle → result stream). Warm: every slice's
 embedding is cached before timing (the Stage-2 case: a new prompt on a known slice); cold: every timed
@@ -199,9 +199,10 @@ async def bench(args) -> list[dict]:
         handle_row = await timed_path("DeploymentHandle", lambda r: via_handle(handle, r), new_requests(n_req), conc, n_req * spr)
         singles = [x[None] for x in new_requests(1, n_req * spr)[0]]
         await timed_path("HTTP, one slice per request", one_request, singles, conc, len(singles))
-        n_vol = max(1, n_req * spr // 16)
-        vols = [nifti_bytes(np.transpose(v, (1, 2, 0)).astype(np.float32), zooms=(1.5, 1.5, 8.0)) for v in new_requests(n_vol, 16)]
-        await timed_path("HTTP, 16-slice volume per request", one_volume, vols, max(1, conc // 4), n_vol * 16)
+        vs = args.volume_slices
+        n_vol = max(1, n_req * spr // vs)
+        vols = [nifti_bytes(np.transpose(v, (1, 2, 0)).astype(np.float32), zooms=(1.5, 1.5, 8.0)) for v in new_requests(n_vol, vs)]
+        await timed_path(f"HTTP, {vs}-slice volume per request", one_volume, vols, max(1, conc // 4), n_vol * vs)
         await timed_path("DeploymentHandle, @serve.batch off (1 slice/batch)", lambda r: via_handle(nobatch, r), new_requests(n_req), conc, n_req * spr)
         plural = "s" if args.dispatchers > 1 else ""
         await timed_path(f"Redis path ({args.dispatchers} dispatcher{plural})", via_redis, new_requests(n_req), conc, n_req * spr)
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--slices-per-request", type=int, default=1)
+    p.add_argument("--volume-slices", type=int, default=16, help="slices per NIfTI volume on the REST volume path")
     p.add_argument("--max-batch", type=int, default=64, help="max slices per @serve.batch batch")
     p.add_argument("--dispatchers", type=int, default=1)
     p.add_argument("--ray-cpus", type=int, default=max(2, os.cpu_count() or 2))

@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     dev = "cpu" if dev == "auto" else dev
-    report["lcc"] = bench_lcc(dev)
+    # the LCC micro-benchmark at the run's own sizes (half the batch: one labeled or unlabeled half)
+    report["lcc"] = bench_lcc(dev, batch=max(1, args.batch_size // 2), size=args.image_size, repeats=3 if args.iters < 10 else 10)
     print(json.dumps({"lcc": report["lcc"]}), flush=True)
     for name in args.methods.split(","):
         r = bench_method(

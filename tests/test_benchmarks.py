@@ -26,7 +26,7 @@ def test_device_run_smallest_form(tmp_path):
         "cold model-alone slices/s",
         "warm Redis-path slices/s",
         "warm Redis path ÷ model alone",
-        "REST 16-slice volume ÷ model alone (cold)",
+        "REST volume/request ÷ model alone (cold)",
         "trainer VESSA ÷ BCP iteration rate",
         "time/slice spread over 1…512 slices/request",
     ):

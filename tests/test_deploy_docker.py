@@ -1,7 +1,8 @@
 """End to end in Docker: build the CPU image, `docker compose up` with the CPU override (host networking),
 a pseudo-label over REST from the assistant container, a short trainer run to completion, teardown.
 
-Gated: it runs only with VESSA_DOCKER_TEST=1 and a reachable Docker engine with the compose plugin.
+Gated: it runs only with VESSA_DOCKER_TEST=1 and a reachable Docker engine with the compose plugin;
+`.ci/run` sets both up after the suite when an engine can be started here (docs/deploy.md, "Tests").
 A cold run builds a ~7 GB image from a ~3 GB wheelhouse (torch's CUDA build alone is ~5.5 GB installed),
 which takes longer than the whole rest of the suite on 2 cores; a warm run (image cached) still needs
 minutes of CPU for the demo bank and the CPU assistant. docs/deploy.md has the numbers.
