@@ -128,8 +128,13 @@ async def bench(args) -> list[dict]:
         "batch_wait_timeout_s": 0.005,
         "cache_device_entries": 100_000,
         "max_upload_mb": 1024,
+        "request_timeout_s": 3600,  # a cold 16-slice volume takes minutes on 2 CPU cores
     }
-    actor = {"ray_actor_options": {"num_cpus": 0, "num_gpus": 1 if args.device == "cuda" else 0}, "max_ongoing_requests": 1024}
+    actor_opts: dict = {"num_cpus": 0, "num_gpus": 1 if args.device == "cuda" else 0}
+    if args.device == "cpu":
+        # Ray gives an actor OMP_NUM_THREADS=1; the in-process rows use every core, so the replica must too
+        actor_opts["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}}
+    actor = {"ray_actor_options": actor_opts, "max_ongoing_requests": 1024}
     ingress = {"ray_actor_options": {"num_cpus": 0}}
     serve.run(build_app({**common, "max_batch_slices": args.max_batch}, {"VessaAssistant": actor, "VessaIngress": ingress}), name="vessa", route_prefix="/")
     serve.run(build_app({**common, "max_batch_slices": 1}, {"VessaAssistant": actor, "VessaIngress": ingress}), name="nobatch", route_prefix="/nobatch")
