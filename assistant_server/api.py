@@ -226,6 +226,9 @@ app = FastAPI(
     version="0.1.0",
     description="Pseudo-labels for semi-supervised medical image segmentation, from a reference-guided "
     "foundation model. Array responses are multipart/mixed: a JSON part, then the file.",
+    # an API answers for the paths it documents: no 307 to another route (DELETE /v1/templates/%2F would
+    # otherwise be redirected to /v1/templates), so an unknown path is a plain 404
+    redirect_slashes=False,
 )
 app.add_middleware(GuardMiddleware)
 
