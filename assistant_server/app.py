@@ -7,10 +7,19 @@ not given comes from `VESSA_` environment variables (e.g. `VESSA_API_TOKEN`) or 
 
 from __future__ import annotations
 
+import os
+
 from ray.serve import Application
 
 from assistant_server.api import ApiSettings, VessaIngress
 from assistant_server.deployment import AssistantSettings, VessaAssistant
+
+
+def all_cores_runtime_env() -> dict:
+    """A Ray `runtime_env` that lets a CPU actor use every core of the machine. Ray starts an actor with
+    `OMP_NUM_THREADS` = its `num_cpus` (1 when that is 0), which is right for a shared cluster; the demo
+    and the benchmarks own the machine and compare against in-process calls that use every core."""
+    return {"env_vars": {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}}
 
 
 def build_app(args: dict | None = None, deployments: dict[str, dict] | None = None) -> Application:

@@ -94,7 +94,7 @@ async def bench(args) -> list[dict]:
     import ray
     from ray import serve
 
-    from assistant_server.app import build_app
+    from assistant_server.app import all_cores_runtime_env, build_app
     from assistant_server.inference import Assistant, SliceInput
     from assistant_server.volume_io import nifti_bytes
     from services.dispatcher import Dispatcher, DispatcherSettings, serve_handle_caller
@@ -132,8 +132,7 @@ async def bench(args) -> list[dict]:
     }
     actor_opts: dict = {"num_cpus": 0, "num_gpus": 1 if args.device == "cuda" else 0}
     if args.device == "cpu":
-        # Ray gives an actor OMP_NUM_THREADS=1; the in-process rows use every core, so the replica must too
-        actor_opts["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}}
+        actor_opts["runtime_env"] = all_cores_runtime_env()  # as the in-process rows do
     actor = {"ray_actor_options": actor_opts, "max_ongoing_requests": 1024}
     ingress = {"ray_actor_options": {"num_cpus": 0}}
     serve.run(build_app({**common, "max_batch_slices": args.max_batch}, {"VessaAssistant": actor, "VessaIngress": ingress}), name="vessa", route_prefix="/")

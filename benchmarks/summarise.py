@@ -20,13 +20,8 @@ TARGETS = {
 }
 
 
-def _path(rows: list[dict], prefix: str) -> dict:
-    return next(r for r in rows if r["path"].startswith(prefix))
-
-
-def _volume_path(rows: list[dict]) -> dict:
-    """The REST row with a whole NIfTI volume per request (16 slices at full size, fewer in --small)."""
-    return next(r for r in rows if r["path"].startswith("HTTP, ") and "volume per request" in r["path"])
+def _path(rows: list[dict], prefix: str, contains: str = "") -> dict:
+    return next(r for r in rows if r["path"].startswith(prefix) and contains in r["path"])
 
 
 def summarise(folder: Path) -> dict:
@@ -41,8 +36,8 @@ def summarise(folder: Path) -> dict:
         "cold model-alone slices/s": max(r["cold_slices_per_s"] for r in model["rows"]),
         "warm Redis-path slices/s": _path(warm, "Redis path")["slices_per_s"],
         "warm Redis path ÷ model alone": _path(warm, "Redis path")["slices_per_s"] / alone_warm,
-        "REST volume/request ÷ model alone (cold)": _volume_path(cold)["slices_per_s"] / alone_cold,
-        "REST volume/request ÷ model alone (warm)": _volume_path(warm)["slices_per_s"] / alone_warm,
+        "REST volume/request ÷ model alone (cold)": _path(cold, "HTTP, ", "volume per request")["slices_per_s"] / alone_cold,
+        "REST volume/request ÷ model alone (warm)": _path(warm, "HTTP, ", "volume per request")["slices_per_s"] / alone_warm,
         "trainer VESSA ÷ BCP iteration rate": rates["bcp_vessa"] / rates["bcp"],
         "time/slice spread over 1…512 slices/request": model["scaling_spread"],
     }

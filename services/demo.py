@@ -106,7 +106,7 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     import ray
     from ray import serve
 
-    from assistant_server.app import build_app
+    from assistant_server.app import all_cores_runtime_env, build_app
     from services.redis_server import EmbeddedRedis, free_port
 
     p.stage("serve", "local Ray Serve (CPU profile) + embedded Redis + dispatcher")
@@ -115,9 +115,8 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     port = port or free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cpu0 = {"ray_actor_options": {"num_cpus": 0}}
-    # Ray starts an actor with OMP_NUM_THREADS=1; the demo owns the machine, so the assistant may use
-    # every core (its LiteMedSAM encoder is the demo's longest step)
-    all_cores = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}}}}
+    # the demo owns the machine: the assistant may use every core (its encoder is the longest step)
+    all_cores = {"ray_actor_options": {"num_cpus": 0, "runtime_env": all_cores_runtime_env()}}
     serve.run(
         build_app(
             {"ckpt": str(ckpt), "bank": str(bank), "encoder": "litemedsam", "device": "cpu", "max_batch_slices": 16, "cache_device_entries": 100_000},

@@ -41,6 +41,7 @@ from shared.stream_messages import (
     REQUEST_STREAM,
     RequestEnvelope,
     ResultEnvelope,
+    done_key,
     parse_request,
     result_fields,
 )
@@ -328,7 +329,7 @@ class Dispatcher:
         except WireError as exc:
             await self._dead_letter(entry_id, fields, f"malformed request: {exc}", None)
             return
-        if await self.redis.exists(_done_key(env.request_id)):
+        if await self.redis.exists(done_key(env.request_id)):
             await self.redis.xack(self.s.request_stream, self.s.group, entry_id)
             self.counters["duplicates"] += 1
             return
@@ -385,7 +386,7 @@ class Dispatcher:
             flat += [k.encode(), v]
         fresh = await self._finish(
             # no "" placeholder for a missing blob key: an ACL user limited to ~vessa:* may not touch it
-            keys=[_done_key(env.request_id), env.reply_stream, self.s.request_stream]
+            keys=[done_key(env.request_id), env.reply_stream, self.s.request_stream]
             + ([env.blob_key] if env.blob_key else []),
             args=[
                 self.s.group,
@@ -431,10 +432,6 @@ class Dispatcher:
             await self._write_result(entry_id, env, result, [])
         else:
             await self.redis.xack(self.s.request_stream, self.s.group, entry_id)
-
-
-def _done_key(request_id: str) -> str:
-    return f"vessa:done:{request_id}"
 
 
 def _err_key(request_id: str) -> str:

@@ -32,6 +32,11 @@ def result_stream(trainer_id: str) -> str:
     return f"vessa:results:{trainer_id}"
 
 
+def done_key(request_id: str) -> str:
+    """The dispatcher's marker that `request_id` has its result (set atomically with the result)."""
+    return f"vessa:done:{request_id}"
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 

@@ -36,6 +36,7 @@ from shared.protocol import encode_call
 from shared.stream_messages import (
     REQUEST_STREAM,
     RequestEnvelope,
+    done_key,
     new_request_id,
     parse_result,
     request_fields,
@@ -185,7 +186,7 @@ class AsyncStreamClient:
                 try:
                     if p.entry_id is not None and await self.redis.xrange(self.request_stream, p.entry_id, p.entry_id, count=1):
                         continue
-                    if await self.redis.exists(f"vessa:done:{rid}"):
+                    if await self.redis.exists(done_key(rid)):
                         continue
                     self.stats["resent_requests"] += 1
                     await self._send(rid, list(range(len(p.images))), p, allow_hash=False)
