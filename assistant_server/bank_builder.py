@@ -38,14 +38,15 @@ def encoder_for(encoder: str = "litemedsam", ckpt: str | Path | None = None, see
 
 @torch.inference_mode()
 def encode_exemplars(
-    model: VessaModel, images: list[np.ndarray], device: torch.device
+    model: VessaModel, images: list[np.ndarray], device: torch.device, cpu_bf16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, W) images → (N, 256, 256) encoder-normalised images and (N, 256, 64, 64) embeddings (CPU)."""
+    """(H, W) images → (N, 256, 256) encoder-normalised images and (N, 256, 64, 64) embeddings (CPU).
+    cpu_bf16: bf16 autocast on the CPU too (as `Assistant(cpu_bf16=True)`; about 2x faster)."""
     x = encoder_input(images, device)
     ctx = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
+        else torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
     )
     with ctx:
         emb = model.encode(x)
@@ -61,6 +62,7 @@ def build_bank(
     device: str | None = None,
     batch_size: int = 8,
     classes: list[ClassInfo] | None = None,
+    cpu_bf16: bool = False,
 ) -> TemplateBank:
     """Every slice of the first `n_labeled` patients of `data` becomes an exemplar."""
     from shared.data import open_dataset
@@ -79,7 +81,7 @@ def build_bank(
     bar = tqdm(total=len(pool), desc="bank: encoding exemplars", unit="slice")
     for start in range(0, len(pool), batch_size):
         items = [pool[i] for i in range(start, min(start + batch_size, len(pool)))]
-        images, emb = encode_exemplars(model, [it.image for it in items], dev)
+        images, emb = encode_exemplars(model, [it.image for it in items], dev, cpu_bf16)
         labels = torch.stack([resize_label(it.label) for it in items])
         exemplars = [
             Exemplar(

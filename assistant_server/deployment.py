@@ -10,6 +10,7 @@ The replica reports healthy only after loading and warming up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -41,6 +42,9 @@ class AssistantSettings(VessaSettings):
     max_batch_slices: int = 64
     batch_wait_timeout_s: float = 0.005
     encode_batch: int = 64
+    answer_cache_entries: int = 1024  # templates-only answers kept (inference.py); 0: off
+    cpu_bf16: bool = False  # bf16 autocast on a CPU replica (about 2x faster; inference.py)
+    torch_threads: int | None = None  # CPU replicas: torch threads per model call (None: leave as is)
     warmup: bool = True
     limits: Limits = Limits()
 
@@ -108,6 +112,8 @@ class VessaAssistant:
             cache_host_entries=s.cache_host_entries,
             cache_store=s.cache_store,
             encode_batch=s.encode_batch,
+            answer_cache_entries=s.answer_cache_entries,
+            cpu_bf16=s.cpu_bf16,
         )
         self._model_lock = threading.Lock()  # one model call at a time: batches, segment, templates
         self._batched.set_max_batch_size(s.max_batch_slices)
@@ -142,11 +148,28 @@ class VessaAssistant:
         image = rng.random((256, 256), dtype=np.float32)
         from assistant_server.inference import SliceInput
 
-        with self._model_lock:
+        with self._model():
             self.assistant.predict([SliceInput(image=image)])
 
+    @contextlib.contextmanager
+    def _model(self):
+        """Hold the model lock, with `torch_threads` applied in the calling thread: model calls run on
+        executor threads, and torch's CPU thread count is per thread under OpenMP."""
+        with self._model_lock:
+            want = self.settings.torch_threads
+            if want:
+                import torch
+
+                if torch.get_num_threads() != want:
+                    torch.set_num_threads(want)
+            yield
+
     def reconfigure(self, user_config: dict) -> None:
-        """Serve `user_config`: batch size and wait time change without a restart."""
+        """Serve `user_config`: batch size, wait time and CPU threads change without a restart (the
+        demo gives the replica one core while the student trains beside it, both cores otherwise)."""
+        if "torch_threads" in user_config:
+            n = user_config["torch_threads"]
+            self.settings.torch_threads = None if n is None else max(1, int(n))
         if "max_batch_slices" in user_config:
             self.settings.max_batch_slices = int(user_config["max_batch_slices"])
             self._batched.set_max_batch_size(self.settings.max_batch_slices)
@@ -198,7 +221,7 @@ class VessaAssistant:
         return [(dumps(r), b) for r, b in replies]
 
     def _serve_locked(self, items):
-        with self._model_lock:
+        with self._model():
             return serve_calls(self.assistant, items, self.settings.limits)
 
     async def segment(
@@ -208,7 +231,7 @@ class VessaAssistant:
         or {"error": message} for input the assistant cannot use."""
 
         def run():
-            with self._model_lock:
+            with self._model():
                 return self.assistant.segment(image, class_id, points, point_labels, box, mask)
 
         try:
@@ -253,7 +276,7 @@ class VessaAssistant:
             def run():
                 import torch
 
-                with self._model_lock:
+                with self._model():
                     x, emb = encode_exemplars(
                         self.assistant.model, [images[i] for i in keep], self.assistant.device
                     )
@@ -303,6 +326,7 @@ class VessaAssistant:
             "replica": ctx.replica_id.unique_id if hasattr(ctx, "replica_id") else str(os.getpid()),
             "ready": self.ready,
             "max_batch_slices": self.settings.max_batch_slices,
+            "torch_threads": self.settings.torch_threads,
             "calls": self._calls,
             "slices": self._slices,
             "slices_per_s": self._slices / up if up > 0 else 0.0,

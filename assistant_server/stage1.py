@@ -57,6 +57,7 @@ class Stage1Settings(VessaSettings):
     log_every: int = 10
     resume: bool = False
     threads: int | None = None
+    cpu_bf16: bool = False  # bf16 autocast on the CPU (about 2x faster where the CPU has AVX512-BF16/AMX)
 
 
 def _loss(
@@ -160,7 +161,7 @@ def train_stage1(s: Stage1Settings) -> Path:
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
+        else torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.cpu_bf16)
     )
     model.train()
     model.image_encoder.eval()

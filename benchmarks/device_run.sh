@@ -28,10 +28,17 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import pydantic, ni
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ "$SMALL" = 1 ]; then
-  # the smallest form: the same code paths, the tiny stand-in encoder, a handful of requests
-  MODEL=(--batches 1,4 --scaling 1,4 --reps 1 --encoder tiny)
-  SERVE=(--requests 4 --concurrency 2 --volume-slices 4 --max-batch 16 --encoder tiny --ray-cpus 2)
-  TRAIN=(--iters 2 --warmup 1 --image-size 64 --batch-size 8 --cases 6 --assistant-encoder tiny)
+  # the smallest form: the same code paths, the tiny stand-in encoder, a handful of requests. Sizes are
+  # the least that still runs every path and yields every figure (it runs in the test suite, on CPU):
+  # - model: one batch size (cold, warm and the encoder/decoder split are all timed on it) and two
+  #   request sizes (a spread needs two; 2 already takes the batched path). Each predict costs seconds
+  #   on CPU (the decoder), and a batch size costs 6 predicts, a request size 3.
+  # - serving: 2 requests per path, concurrency 2 (so requests still overlap), one 2-slice volume.
+  # - trainer: one timed step after one warm-up step per method (a rate needs one), batch 4 (2 labeled +
+  #   2 unlabeled, BCP's halves); 6 cases is the fewest synthetic cases that leave unlabeled and val data.
+  MODEL=(--batches 1 --scaling 1,2 --reps 1 --encoder tiny)
+  SERVE=(--requests 2 --concurrency 2 --volume-slices 2 --max-batch 16 --encoder tiny --ray-cpus 2)
+  TRAIN=(--iters 1 --warmup 1 --image-size 64 --batch-size 4 --cases 6 --assistant-encoder tiny)
 else
   MODEL=(--batches 1,32,256 --scaling 1,8,64,512 --reps 3)
   SERVE=(--requests 512 --concurrency 64 --slices-per-request 16 --max-batch 512 --dispatchers 2)

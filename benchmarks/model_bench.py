@@ -74,7 +74,11 @@ def build(work: Path, device: str, encoder: str):
         emb = torch.cat([model.encode(images[i : i + 4, None].expand(-1, 3, -1, -1)) for i in range(0, 16, 4)])
     exemplars = [Exemplar(f"r{i}", f"r{i}", f"p{i % 4}", 0, "random", 256, 256) for i in range(16)]
     bank.add(exemplars, images, labels, emb)
-    return Assistant(model, TemplateBank(work / "bank"), device=device, cache=None, model_version="random", encode_batch=256)
+    # answer cache off: the scaling rows repeat templates-only slices and must time the decoder
+    return Assistant(
+        model, TemplateBank(work / "bank"), device=device, cache=None, model_version="random", encode_batch=256,
+        answer_cache_entries=0,
+    )
 
 
 def timed(fn, device: torch.device, reps: int) -> float:

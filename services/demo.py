@@ -32,8 +32,14 @@ class Progress:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.i = 0
+        self.seconds: dict[str, float] = {}  # per finished stage, for the report
+        self._current: tuple[str, float] | None = None
 
     def stage(self, name: str, detail: str = "") -> None:
+        now = time.perf_counter()
+        if self._current is not None:
+            self.seconds[self._current[0]] = now - self._current[1]
+        self._current = (name, now)
         self.i += 1
         typer.secho(
             f"\n[{self.i}/{len(STEPS)}] {name}  ({time.perf_counter() - self.t0:5.0f} s){'  ' + detail if detail else ''}",
@@ -51,9 +57,9 @@ def demo_cmd(
     cases: int = typer.Option(12, help="synthetic cases to generate"),
     seed: int = typer.Option(0, help="seed of the data, the assistant and the students"),
     labeled: int = typer.Option(2, help="labeled patients (the first N, protocol order)"),
-    assistant_steps: int = typer.Option(60, help="Stage-1 training steps of the assistant"),
+    assistant_steps: int = typer.Option(200, help="Stage-1 training steps of the assistant"),
     pretrain_iters: int = typer.Option(60, help="BCP pre-training iterations"),
-    self_train_iters: int = typer.Option(80, help="BCP self-training iterations"),
+    self_train_iters: int = typer.Option(240, help="BCP self-training iterations"),
     image_size: int = typer.Option(128, help="student input size (the assistant always sees 256×256)"),
     port: int = typer.Option(0, help="HTTP port of the local Serve app (0: a free one)"),
 ):
@@ -74,7 +80,8 @@ def demo_cmd(
 def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_train_iters, image_size, port, p, started) -> dict:
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cores = max(1, os.cpu_count() or 1)
+    torch.set_num_threads(cores)
     # 1. data --------------------------------------------------------------------------------------
     if data is None:
         from shared.data.synth import write_msd_dataset
@@ -92,7 +99,7 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     bank = out / "bank"
     p.stage("bank", f"labeled patients: first {labeled}")
     if not (bank / "manifest.json").exists():
-        build_bank(data, labeled, bank, device="cpu")
+        build_bank(data, labeled, bank, device="cpu", cpu_bf16=True)
     # 3. assistant -----------------------------------------------------------------------------------
     from assistant_server.stage1 import Stage1Settings, train_stage1
 
@@ -100,7 +107,10 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     p.stage("assistant", f"Stage-1 training, {assistant_steps} steps")
     if not ckpt.exists():
         train_stage1(
-            Stage1Settings(bank=bank, out=ckpt, steps=assistant_steps, batch_size=2, seed=seed, save_every=10**6, log_every=5, device="cpu")
+            Stage1Settings(
+                bank=bank, out=ckpt, steps=assistant_steps, batch_size=2, seed=seed, save_every=10**6, log_every=5,
+                device="cpu", cpu_bf16=True,
+            )
         )
     # 4. serve -------------------------------------------------------------------------------------
     import ray
@@ -114,12 +124,18 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     started["ray"] = True
     port = port or free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # bf16 on the CPU (bank, Stage-1, replica): about 2x faster here, the same pseudo-labels on 99.96% of
+    # pixels (docs/benchmarks.md, "bf16 on the CPU")
     cpu0 = {"ray_actor_options": {"num_cpus": 0}}
-    # the demo owns the machine: the assistant may use every core (its encoder is the longest step)
-    all_cores = {"ray_actor_options": {"num_cpus": 0, "runtime_env": all_cores_runtime_env()}}
+    # the demo owns the machine: the assistant may use every core (its encoder is the longest step);
+    # while the VESSA student trains beside it, each gets a share (_share_cores)
+    all_cores = {
+        "ray_actor_options": {"num_cpus": 0, "runtime_env": all_cores_runtime_env()},
+        "user_config": {"torch_threads": cores},
+    }
     serve.run(
         build_app(
-            {"ckpt": str(ckpt), "bank": str(bank), "encoder": "litemedsam", "device": "cpu", "max_batch_slices": 16, "cache_device_entries": 100_000},
+            {"ckpt": str(ckpt), "bank": str(bank), "encoder": "litemedsam", "device": "cpu", "max_batch_slices": 16, "cache_device_entries": 100_000, "cpu_bf16": True},
             {"VessaAssistant": all_cores, "VessaIngress": cpu0},
         ),
         name="vessa",
@@ -157,6 +173,7 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
         "optim": {"schedule": "constant"},
         "bcp": {"pretrain_iters": pretrain_iters},
         "final_eval": True,
+        "num_threads": cores,
     }
     results = {}
     p.stage("baseline student", f"BCP, {pretrain_iters} + {self_train_iters} iterations")
@@ -165,14 +182,28 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     vessa_cfg = {
         "link": "student_trainer.stream_client:StreamAssistantLink",
         "link_kwargs": {"redis_url": redis_server.url, "trainer_id": "demo", "max_in_flight": 8},
-        "warmup_iters": max(1, self_train_iters // 4),
+        # templates-only for the first three quarters (answers the warm stage already computed and the
+        # assistant remembers), then the feedback loop: the teacher's softmax becomes the prompt
+        "warmup_iters": (3 * self_train_iters) // 4,
         "prefetch": 4,
         "timeout_s": 60.0,
         "log_every": 10,
+        # a young teacher is unsure everywhere: take the assistant's organs where it is confident of
+        # them, never its background over an organ the teacher found (student_trainer/fusion.py)
+        "fusion": {"mode": "assistant_confident", "tau": 0.5, "background_overrides": False},
     }
+    trainer_threads = _share_cores(cores)
     results["bcp_vessa"] = train(
-        load_settings(TrainSettings, None, method="bcp_vessa", out_dir=out / "student_vessa", vessa=vessa_cfg, **common)
+        load_settings(
+            TrainSettings,
+            None,
+            method="bcp_vessa",
+            out_dir=out / "student_vessa",
+            vessa=vessa_cfg,
+            **{**common, "num_threads": trainer_threads},
+        )
     )
+    _set_replica_threads(cores)
     # 8. evaluate ----------------------------------------------------------------------------------
     from student_trainer.evaluate import run_eval
 
@@ -184,7 +215,33 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     p.stage("report", str(out / "report.md"))
     from services.demo_report import write_report
 
-    return write_report(out, data, url, results, evals, pseudo, p.elapsed)
+    schedule = {
+        "labeled_patients": labeled,
+        "assistant_steps": assistant_steps,
+        "pretrain_iters": pretrain_iters,
+        "self_train_iters": self_train_iters,
+        "templates_only_iters": vessa_cfg["warmup_iters"],
+        "fusion": vessa_cfg["fusion"],
+        "image_size": image_size,
+    }
+    return write_report(out, data, url, results, evals, pseudo, p.elapsed, schedule, p.seconds)
+
+
+def _set_replica_threads(n: int) -> None:
+    """The assistant replica's torch threads, changed in place (its embedding cache stays). The demo runs
+    one replica, so one handle call reaches it; a config file's `user_config` does the same for all."""
+    from ray import serve
+
+    serve.get_deployment_handle("VessaAssistant", app_name="vessa").reconfigure.remote({"torch_threads": n}).result()
+
+
+def _share_cores(cores: int) -> int:
+    """Split the cores between the trainer and the assistant replica while both work; returns the
+    trainer's share. Two processes that each use every core run several times slower than either alone
+    (their threads preempt each other), and that is what the VESSA student did before."""
+    replica = max(1, cores // 2)
+    _set_replica_threads(replica)
+    return max(1, cores - replica)
 
 
 async def _warm(redis_url: str, data: Path, labeled: int) -> dict:

@@ -26,7 +26,18 @@ def _student_prediction(ckpt: Path, image: np.ndarray) -> np.ndarray:
     return predict_slices(model, image[None], size, "cpu", amp=False).numpy()[0]
 
 
-def write_report(out: Path, data: Path, url: str, results: dict, evals: dict, pseudo: dict, elapsed: float) -> dict:
+def write_report(
+    out: Path,
+    data: Path,
+    url: str,
+    results: dict,
+    evals: dict,
+    pseudo: dict,
+    elapsed: float,
+    schedule: dict | None = None,
+    stage_s: dict[str, float] | None = None,
+) -> dict:
+    """schedule: the run's settings worth stating (steps, warm-up, fusion); stage_s: seconds per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,6 +112,10 @@ pseudo-labels from the assistant over Redis (Ray Serve, CPU profile).
 The VESSA-in-the-loop student is **{verdict}** the student trained without it: mean Dice
 {d_vessa:.2f}% vs {d_bcp:.2f}% ({d_vessa - d_bcp:+.2f} points).
 
+Schedule: {json.dumps(schedule or {})}
+
+Time per stage (s): {json.dumps({k: round(v) for k, v in (stage_s or {}).items()})}
+
 Assistant traffic during training: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in assistant.items()})}
 
 ## Pictures
@@ -120,6 +135,13 @@ read by training code, so none is shown).
 Predictions as NIfTI: `eval/bcp/predictions/`, `eval/bcp_vessa/predictions/`.
 """
     (out / "report.md").write_text(md)
-    summary = {"dice_bcp": d_bcp, "dice_vessa": d_vessa, "summary_table": table, "elapsed_s": elapsed}
+    summary = {
+        "dice_bcp": d_bcp,
+        "dice_vessa": d_vessa,
+        "summary_table": table,
+        "elapsed_s": elapsed,
+        "schedule": schedule or {},
+        "stage_s": stage_s or {},
+    }
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -141,6 +141,7 @@ class VessaPseudoLabeler:
             tau=f.tau,
             teacher_tau=f.teacher_tau,
             w_dis=f.w_dis,
+            background_overrides=f.background_overrides,
         )
 
     def summary(self) -> dict[str, float]:

@@ -96,6 +96,9 @@ class FusionSettings(_Section):
     tau: float = Field(0.5, description="assistant per-class confidence needed to override the teacher")
     teacher_tau: float = Field(0.9, description="teacher max-prob below which it may be overridden")
     w_dis: float = Field(0.5, ge=0, description="loss weight of pixels where teacher and assistant disagree")
+    background_overrides: bool = Field(
+        True, description="whether the assistant's background may override a teacher's organ label"
+    )
     lcc_after: bool = Field(False, description="largest-connected-component cleaning of the fused label too")
 
 

@@ -23,6 +23,11 @@ Modes (`mode`, config `vessa.fusion.mode`):
 - ``assistant_confident``: the assistant's label where its confidence for that class is >= ``tau``,
   else the teacher's; weight 1 where they agree and ``w_dis`` where they disagree.
 
+With ``background_overrides=False`` the assistant may override the teacher only with a foreground class:
+where it says background and the teacher says an organ, the teacher's label stands (weight ``w_dis``).
+The assistant's background confidence is high almost everywhere (most of a slice is background), so
+letting it override erases every organ a young teacher finds and the assistant misses.
+
 Slices without an assistant answer always get the teacher's label with weight 1, so a missing assistant
 degrades `bcp_vessa` to BCP exactly.
 """
@@ -59,6 +64,7 @@ def fuse_pseudo_labels(
     tau: float = 0.5,
     teacher_tau: float = 0.9,
     w_dis: float = 0.5,
+    background_overrides: bool = True,
 ) -> FusedPseudoLabel:
     """Fuse per the module docstring. Shapes: (B, H, W), (B, H, W), (B, H, W), (B, C), (B,)."""
     if mode not in FUSION_MODES:
@@ -75,6 +81,8 @@ def fuse_pseudo_labels(
     # confidence the assistant gives to the class it predicts at each pixel: (B, H, W)
     a_conf = torch.gather(conf, 1, a_lab.flatten(1)).view_as(a_lab)
     a_sure = a_conf >= tau
+    if not background_overrides:
+        a_sure = a_sure & (a_lab != 0)
     ones = torch.ones_like(t_lab, dtype=torch.float32)
 
     if mode == "teacher":

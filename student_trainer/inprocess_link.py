@@ -43,12 +43,16 @@ class InProcessAssistantLink:
         encoder: str = "litemedsam",
         class_ids: list[int] | None = None,
         max_batch_slices: int = 256,
+        cache_store: str | None = None,
         assistant=None,
     ):
         if assistant is None:
             from assistant_server.inference import Assistant
 
-            assistant = Assistant.from_files(ckpt, bank, device=device, encoder=encoder, cache_device_entries=100_000)
+            # cache_store: encoder embeddings persisted by `vessa assistant embed` (CPU runs skip the encoder)
+            assistant = Assistant.from_files(
+                ckpt, bank, device=device, encoder=encoder, cache_device_entries=100_000, cache_store=cache_store
+            )
         self.assistant = assistant
         self.class_ids = class_ids
         self.max_batch_slices = max_batch_slices

@@ -75,6 +75,10 @@ SERVE_TEST_ARGS = {
     "cache_device_entries": 512,
 }
 SMALL = {"ray_actor_options": {"num_cpus": 0}}
+# The assistant's replica is health-checked every second here (10 s in the app): Serve learns of a
+# replica killed by a test (tests/test_faults_streams.py) at its next health check and only then starts
+# a new one, so this bounds how long such a test waits; the check itself is a flag read.
+ASSISTANT_TEST_OPTIONS = {**SMALL, "health_check_period_s": 1}
 
 
 @pytest.fixture(scope="session")
@@ -90,19 +94,26 @@ def serve_app(tiny_bank, tmp_path_factory):
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deployments = {"VessaAssistant": dict(SMALL), "VessaIngress": dict(SMALL)}
-    serve.run(build_app({**SERVE_TEST_ARGS, "bank": str(bank)}, deployments), name="vessa", route_prefix="/")
+    deployments = {"VessaAssistant": dict(ASSISTANT_TEST_OPTIONS), "VessaIngress": dict(SMALL)}
     token = "test-token-" + "x" * 16
-    serve.run(
-        build_app({**SERVE_TEST_ARGS, "bank": str(auth_bank), "api_token": token}, deployments),
-        name="vessa_auth",
-        route_prefix="/secure",
+    # Both applications deployed at once (their replicas start side by side: ~3 s sooner than one
+    # serve.run after the other on 2 cores); run_many waits until both are running, like serve.run.
+    serve.run_many(
+        [
+            serve.RunTarget(build_app({**SERVE_TEST_ARGS, "bank": str(bank)}, deployments), name="vessa", route_prefix="/"),
+            serve.RunTarget(
+                build_app({**SERVE_TEST_ARGS, "bank": str(auth_bank), "api_token": token}, deployments),
+                name="vessa_auth",
+                route_prefix="/secure",
+            ),
+        ]
     )
     url = f"http://127.0.0.1:{port}"
     _wait_ready(url)
     _wait_ready(url + "/secure")
     yield ServeApp(url, ray.get_runtime_context().gcs_address, bank, url + "/secure", token)
-    serve.shutdown()
+    # No serve.shutdown() first: it drains every replica gracefully (~5 s), while ray.shutdown() stops
+    # this local Ray instance, and with it every Serve actor, at once.
     ray.shutdown()
 
 

@@ -131,7 +131,10 @@ def test_simulated_student_is_a_noisy_distribution():
 
 
 def test_a_few_training_steps_reduce_the_loss(tiny_bank, tmp_path):
-    """Training on a fixed episode must fit it: the loss after 8 steps is below the loss before."""
+    """Training on a fixed episode must fit it: the loss after 4 steps is below the loss before.
+
+    4 steps (each ~1.5 s on 2 CPU cores, most of it the backward pass): the loss falls from the first
+    step on (in one run: 2.38, 2.32, 2.18, 1.66 over the first four), so 4 leaves a wide margin."""
     bank = TemplateBank(tiny_bank)
     model = build_model(VessaConfig(encoder="tiny"), pretrained=False)
     t = bank.tensors()
@@ -143,7 +146,7 @@ def test_a_few_training_steps_reduce_the_loss(tiny_bank, tmp_path):
         [p for n, p in model.named_parameters() if not n.startswith("image_encoder.")], lr=1e-3
     )
     losses = []
-    for _ in range(8):
+    for _ in range(4):
         tk = model.template_keys(t["embedding"][ti.flatten()].float()).reshape(2, 4, 64, 32, 32)
         tl = model.matcher.label_grid(onehot).reshape(2, 4, 4, 32, 32)
         out = model(t["embedding"][qi].float(), tk, tl, bank.text, [1, 2, 3])

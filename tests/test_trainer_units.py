@@ -250,6 +250,25 @@ def test_fusion_other_modes():
         fuse_pseudo_labels(t, tm, a, c, av, mode="bogus")  # type: ignore[arg-type]
 
 
+def test_fusion_background_may_be_kept_from_overriding_organs():
+    teacher = torch.tensor([[[1, 2, 0, 1]]])
+    assistant = torch.tensor([[[0, 0, 2, 3]]])
+    t_max = torch.full((1, 1, 4), 0.5)
+    conf = torch.tensor([[0.99, 0.2, 0.8, 0.9]])  # background is always sure of itself
+    av = torch.tensor([True])
+    out = fuse_pseudo_labels(teacher, t_max, assistant, conf, av, mode="assistant_confident", tau=0.5)
+    assert out.label.tolist() == [[[0, 0, 2, 3]]]  # the assistant's background erases the teacher's organs
+    out = fuse_pseudo_labels(
+        teacher, t_max, assistant, conf, av, mode="assistant_confident", tau=0.5, background_overrides=False
+    )
+    assert out.label.tolist() == [[[1, 2, 2, 3]]]  # organs found by the assistant still override
+    assert out.weight.tolist() == [[[0.5, 0.5, 0.5, 0.5]]]
+    out = fuse_pseudo_labels(
+        teacher, t_max, assistant, conf, av, mode="agree_confidence", tau=0.5, background_overrides=False
+    )
+    assert out.label.tolist() == [[[1, 2, 2, 3]]]
+
+
 def test_fusion_unanswered_slices_fall_back_to_teacher():
     t = torch.tensor([[[1, 1]], [[2, 2]]])
     a = torch.tensor([[[0, 0]], [[0, 0]]])
