@@ -239,6 +239,28 @@ def test_metrics_and_info(serve_app, client):
     assert httpx.get(serve_app.url + "/openapi.json", timeout=10).json()["info"]["title"] == "VESSA"
 
 
+def test_replica_threads_change_in_place(serve_app, client, volume):
+    """`reconfigure({"torch_threads": n})` (what `vessa demo` does while a trainer shares the cores):
+    the same replica, its embedding cache kept, now running its model calls with n threads."""
+    from ray import serve
+
+    _, _, _, vol = volume
+    image = vol.image[:1].astype(np.float32)
+    client.pseudo_labels(image)
+    before = client.info()
+    handle = serve.get_deployment_handle("VessaAssistant", app_name="vessa")
+    try:
+        handle.reconfigure.remote({"torch_threads": 1}).result(timeout_s=30)
+        after = client.info()
+        assert after["torch_threads"] == 1 and after["replica"] == before["replica"]
+        client.pseudo_labels(image)  # a model call under the new setting; the slice is still cached
+        encoded = client.info()["stats"]["encoded"]
+        assert encoded == before["stats"]["encoded"]
+    finally:
+        handle.reconfigure.remote({"torch_threads": None}).result(timeout_s=30)
+    assert client.info()["torch_threads"] is None
+
+
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
