@@ -44,6 +44,15 @@ from shared.data.types import ClassInfo
 from shared.hashing import slice_hash
 
 
+def cpu_bf16_fast() -> bool:
+    """Whether bf16 on this CPU runs on native kernels (oneDNN's own check: AVX512 or better). Where it
+    does not, bf16 autocast can be slower than fp32, so callers that choose for the user ask first."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # a torch build without oneDNN
+        return False
+
+
 class AssistantInputError(ValueError):
     """A request the assistant cannot answer as asked: the message says what was wrong."""
 

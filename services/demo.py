@@ -80,8 +80,13 @@ def demo_cmd(
 def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_train_iters, image_size, port, p, started) -> dict:
     import torch
 
+    from assistant_server.inference import cpu_bf16_fast
+
     cores = max(1, os.cpu_count() or 1)
     torch.set_num_threads(cores)
+    # bf16 on the CPU (bank, Stage-1, replica) where it has native kernels: about 2x faster there, the
+    # same pseudo-labels on 99.97% of pixels (docs/benchmarks.md, "bf16 on the CPU")
+    bf16 = cpu_bf16_fast()
     # 1. data --------------------------------------------------------------------------------------
     if data is None:
         from shared.data.synth import write_msd_dataset
@@ -99,7 +104,7 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     bank = out / "bank"
     p.stage("bank", f"labeled patients: first {labeled}")
     if not (bank / "manifest.json").exists():
-        build_bank(data, labeled, bank, device="cpu", cpu_bf16=True)
+        build_bank(data, labeled, bank, device="cpu", cpu_bf16=bf16)
     # 3. assistant -----------------------------------------------------------------------------------
     from assistant_server.stage1 import Stage1Settings, train_stage1
 
@@ -109,7 +114,7 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
         train_stage1(
             Stage1Settings(
                 bank=bank, out=ckpt, steps=assistant_steps, batch_size=2, seed=seed, save_every=10**6, log_every=5,
-                device="cpu", cpu_bf16=True,
+                device="cpu", cpu_bf16=bf16,
             )
         )
     # 4. serve -------------------------------------------------------------------------------------
@@ -124,8 +129,6 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     started["ray"] = True
     port = port or free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # bf16 on the CPU (bank, Stage-1, replica): about 2x faster here, the same pseudo-labels on 99.96% of
-    # pixels (docs/benchmarks.md, "bf16 on the CPU")
     cpu0 = {"ray_actor_options": {"num_cpus": 0}}
     # the demo owns the machine: the assistant may use every core (its encoder is the longest step);
     # while the VESSA student trains beside it, each gets a share (_share_cores)
@@ -135,7 +138,7 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     }
     serve.run(
         build_app(
-            {"ckpt": str(ckpt), "bank": str(bank), "encoder": "litemedsam", "device": "cpu", "max_batch_slices": 16, "cache_device_entries": 100_000, "cpu_bf16": True},
+            {"ckpt": str(ckpt), "bank": str(bank), "encoder": "litemedsam", "device": "cpu", "max_batch_slices": 16, "cache_device_entries": 100_000, "cpu_bf16": bf16},
             {"VessaAssistant": all_cores, "VessaIngress": cpu0},
         ),
         name="vessa",
@@ -223,6 +226,7 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
         "templates_only_iters": vessa_cfg["warmup_iters"],
         "fusion": vessa_cfg["fusion"],
         "image_size": image_size,
+        "cpu_bf16": bf16,
     }
     return write_report(out, data, url, results, evals, pseudo, p.elapsed, schedule, p.seconds)
 
