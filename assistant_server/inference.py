@@ -14,7 +14,6 @@ once per epoch, and every repeat is answered without the decoder.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import threading
@@ -39,18 +38,10 @@ from assistant_server.modeling.structured_prompts import (
     SparsePrompts,
 )
 from assistant_server.modeling.vessa import VessaConfig, VessaModel, combine_classes
+from assistant_server.precision import autocast
 from assistant_server.preprocess import encoder_input, resize_probs, restore_size
 from shared.data.types import ClassInfo
 from shared.hashing import slice_hash
-
-
-def cpu_bf16_fast() -> bool:
-    """Whether bf16 on this CPU runs on native kernels (oneDNN's own check: AVX512 or better). Where it
-    does not, bf16 autocast can be slower than fp32, so callers that choose for the user ask first."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # a torch build without oneDNN
-        return False
 
 
 class AssistantInputError(ValueError):
@@ -81,6 +72,11 @@ class SliceOutput:
     label: np.ndarray | None = None
     confidence: np.ndarray | None = None
     probs: np.ndarray | None = None
+
+
+def _copy_output(out: SliceOutput) -> SliceOutput:
+    """A remembered answer's own arrays: what a caller does with its copy never reaches the cache."""
+    return dataclasses.replace(out, label=out.label.copy(), confidence=out.confidence.copy())
 
 
 @dataclass
@@ -117,9 +113,7 @@ class Assistant:
         self.model_version = model_version
         self.encode_batch = encode_batch
         self.num_templates = model.config.num_templates
-        # bf16 autocast on the CPU too: about 2x faster on CPUs with AVX512-BF16/AMX, embeddings within
-        # ~2% (relative L2) of fp32; off by default so CPU results match earlier fp32 runs bit for bit
-        self.cpu_bf16 = cpu_bf16
+        self.cpu_bf16 = cpu_bf16  # bf16 on the CPU too (assistant_server/precision.py)
         self._bank_state: _BankState | None = None
         self._lock = threading.Lock()
         self._stats = {
@@ -166,11 +160,7 @@ class Assistant:
 
     # ------------------------------------------------------------------------------------------ helpers
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        if self.cpu_bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.cpu_bf16)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -310,10 +300,11 @@ class Assistant:
                 for i, e in enumerate(embs):
                     if e is None or slices[i].student_probs is not None:
                         continue
-                    hit = self._answers.get((hashes[i], state.version, ids_key))
+                    key = (hashes[i], state.version, ids_key)
+                    hit = self._answers.get(key)
                     if hit is not None:
-                        self._answers.move_to_end((hashes[i], state.version, ids_key))
-                        outputs[i] = dataclasses.replace(hit, label=hit.label.copy(), confidence=hit.confidence.copy())
+                        self._answers.move_to_end(key)
+                        outputs[i] = _copy_output(hit)
                         self._stats["answer_hits"] += 1
         # Slices with and without student prompts go through the decoder as two groups.
         groups = [
@@ -354,7 +345,7 @@ class Assistant:
 
     def _remember(self, key: tuple, out: SliceOutput) -> None:
         with self._lock:
-            self._answers[key] = dataclasses.replace(out, label=out.label.copy(), confidence=out.confidence.copy())
+            self._answers[key] = _copy_output(out)
             while len(self._answers) > self.answer_cache_entries:
                 self._answers.popitem(last=False)
 

@@ -23,6 +23,7 @@ from assistant_server.bank import TemplateBank
 from assistant_server.checkpoint import build_model, read_checkpoint, save_checkpoint
 from assistant_server.modeling.foundation import module_state_hash
 from assistant_server.modeling.vessa import PromptDropout, VessaConfig, VessaModel
+from assistant_server.precision import autocast
 from assistant_server.simulated_student import simulate_student
 from shared.config import VessaSettings, save_resolved, settings_dict
 
@@ -158,11 +159,7 @@ def train_stage1(s: Stage1Settings) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out.parent / "tb" / out.stem))
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.cpu_bf16)
-    )
+    amp = autocast(device, s.cpu_bf16)
     model.train()
     model.image_encoder.eval()
     bar = tqdm(

@@ -35,9 +35,10 @@ def _speed(a, probs: np.ndarray, batch: int, reps: int, rng: np.random.Generator
     """Seconds per slice: encoder alone, cold (new slices: encoder + decoder), warm (a known slice with
     a student prompt: decoder only)."""
     from assistant_server.inference import SliceInput
+    from assistant_server.precision import autocast
 
     x = torch.rand(batch, 3, 256, 256)
-    with torch.inference_mode(), a._autocast():
+    with torch.inference_mode(), autocast(a.device, a.cpu_bf16):
         enc = _timed(lambda: a.model.image_encoder(x), reps) / batch
     cold = _timed(
         lambda: a.predict([SliceInput(image=rng.random((256, 256), dtype=np.float32)) for _ in range(batch)]), reps

@@ -42,7 +42,7 @@ class Progress:
         self._current = (name, now)
         self.i += 1
         typer.secho(
-            f"\n[{self.i}/{len(STEPS)}] {name}  ({time.perf_counter() - self.t0:5.0f} s){'  ' + detail if detail else ''}",
+            f"\n[{self.i}/{len(STEPS)}] {name}  ({now - self.t0:5.0f} s){'  ' + detail if detail else ''}",
             bold=True,
         )
 
@@ -80,7 +80,7 @@ def demo_cmd(
 def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_train_iters, image_size, port, p, started) -> dict:
     import torch
 
-    from assistant_server.inference import cpu_bf16_fast
+    from assistant_server.precision import cpu_bf16_fast
 
     cores = max(1, os.cpu_count() or 1)
     torch.set_num_threads(cores)
