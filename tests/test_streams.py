@@ -74,12 +74,12 @@ def _assert_exactly_once(ids, results):
     assert all(r.status == "ok" for r in results), [r.error for r in results if r.status != "ok"][:3]
 
 
-def test_two_trainers_60_requests_exactly_once(serve_app, redis_server, tmp_path, slices):
+def test_two_trainers_200_requests_exactly_once(serve_app, redis_server, tmp_path, slices):
     disp = start_dispatcher(redis_server.url, serve_app.gcs_address, tmp_path / "dispatcher.log")
-    # 30 per trainer (~0.15 s each on 2 CPU cores): with up to 8 in flight per trainer, both trainers'
-    # requests still interleave on the one request stream and dispatcher for most of the run, and 60
-    # draws from 24 slices still repeat slices (hash-only requests) within and across trainers.
-    n = 30
+    # 100 per trainer: the count the streaming issue names (200 from two trainers, exactly once). With
+    # up to 8 in flight per trainer both trainers' requests interleave on the one request stream and
+    # dispatcher, and 200 draws from 24 slices repeat slices (hash-only requests) within and across them.
+    n = 100
     try:
         collect: dict = {}
         rng = np.random.default_rng(0)
