@@ -277,8 +277,12 @@ class VessaAssistant:
                 import torch
 
                 with self._model():
+                    # the replica's own precision: templates and queries encoded alike
                     x, emb = encode_exemplars(
-                        self.assistant.model, [images[i] for i in keep], self.assistant.device
+                        self.assistant.model,
+                        [images[i] for i in keep],
+                        self.assistant.device,
+                        self.assistant.cpu_bf16,
                     )
                     lab = torch.stack([resize_label(labels[i]) for i in keep])
                     exemplars = [

@@ -1,6 +1,6 @@
 """One table of the performance figures from a device_run.sh output folder, against the targets.
 
-    python -m benchmarks.summarise runs/device_run     # prints the table, writes summary.json there
+python -m benchmarks.summarise runs/device_run     # prints the table, writes summary.json there
 """
 
 from __future__ import annotations
@@ -36,8 +36,14 @@ def summarise(folder: Path) -> dict:
         "cold model-alone slices/s": max(r["cold_slices_per_s"] for r in model["rows"]),
         "warm Redis-path slices/s": _path(warm, "Redis path")["slices_per_s"],
         "warm Redis path ÷ model alone": _path(warm, "Redis path")["slices_per_s"] / alone_warm,
-        "REST volume/request ÷ model alone (cold)": _path(cold, "HTTP, ", "volume per request")["slices_per_s"] / alone_cold,
-        "REST volume/request ÷ model alone (warm)": _path(warm, "HTTP, ", "volume per request")["slices_per_s"] / alone_warm,
+        "REST volume/request ÷ model alone (cold)": _path(cold, "HTTP, ", "volume per request")[
+            "slices_per_s"
+        ]
+        / alone_cold,
+        "REST volume/request ÷ model alone (warm)": _path(warm, "HTTP, ", "volume per request")[
+            "slices_per_s"
+        ]
+        / alone_warm,
         "trainer VESSA ÷ BCP iteration rate": rates["bcp_vessa"] / rates["bcp"],
         "time/slice spread over 1…512 slices/request": model["scaling_spread"],
     }
@@ -47,7 +53,20 @@ def summarise(folder: Path) -> dict:
         ok = v <= t if "spread" in k else v >= t
         lines.append(f"{k:48s} {v:12.2f} {t:10.2f}  {'yes' if ok else 'NO'}")
     table = "\n".join(lines)
-    out = {"figures": got, "targets": TARGETS, "table": table, "model": model["table"]}
+    # the trainer's own figures: a launch-bound step is as fast as its op count and host syncs allow
+    t_lines = [f"{'trainer step':16s} {'it/s':>8s} {'ops/it':>8s} {'syncs/it':>9s}"]
+    for m in trainer["methods"]:
+        t_lines.append(
+            f"{m['method']:16s} {m['it_per_s']:8.2f} {m.get('ops_per_it', float('nan')):8.0f} "
+            f"{m.get('syncs_per_it', float('nan')):9.0f}"
+        )
+    out = {
+        "figures": got,
+        "targets": TARGETS,
+        "table": table,
+        "model": model["table"],
+        "trainer": "\n".join(t_lines),
+    }
     (folder / "summary.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -55,4 +74,5 @@ def summarise(folder: Path) -> dict:
 if __name__ == "__main__":
     res = summarise(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/device_run"))
     print(res["model"])
+    print(res["trainer"])
     print(res["table"])

@@ -16,6 +16,8 @@ import argparse
 import json
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,44 @@ class LoopbackLink:
         self.pending.clear()
 
 
+# aten ops that make the host wait for the device: a scalar read back, a whole-tensor comparison, a
+# non-zero search (its output size), a copy to the host
+_SYNC_OPS = {"_local_scalar_dense", "equal", "nonzero", "item"}
+
+
+def count_ops(step: Callable[[], Any]) -> dict[str, Any]:
+    """Run `step()` once under a dispatch mode that counts aten ops: on a GPU nearly every counted op
+    (views and metadata ops aside) is a kernel launch, so the count tracks the launch overhead of a
+    launch-bound step, and it can be taken on the CPU. Host syncs: the ops of `_SYNC_OPS`, plus copies to
+    the host from another device (on the CPU those are no copies at all, so they are not counted there).
+    Note: on the CPU, SGD defaults to one op per tensor (foreach=False); on CUDA it is fused."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter[str] = Counter()
+    syncs: Counter[str] = Counter()
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = func.overloadpacket.__name__
+            counts[name] += 1
+            if name in _SYNC_OPS:
+                syncs[name] += 1
+            elif name == "_to_copy" and args and isinstance(args[0], torch.Tensor):
+                dst = (kwargs or {}).get("device")
+                if args[0].device.type != "cpu" and dst is not None and torch.device(dst).type == "cpu":
+                    syncs["to_host"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        step()
+    return {
+        "ops_per_it": sum(counts.values()),
+        "syncs_per_it": sum(syncs.values()),
+        "sync_ops": dict(syncs),
+        "top_ops": dict(counts.most_common(12)),
+    }
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -75,6 +115,7 @@ def bench_method(
     profile: bool = False,
     assistant: str = "loopback",
     assistant_encoder: str = "litemedsam",
+    lcc_backend: str = "auto",
 ) -> dict[str, Any]:
     from student_trainer.train import Trainer
 
@@ -88,8 +129,11 @@ def bench_method(
         "data": {"root": data, "n_labeled": 3, "image_size": image_size},
         "batch_size": batch_size,
         "labeled_bs": batch_size // 2,
-        "max_iters": warmup + iters + 20,  # + the profiled steps
-        "bcp": {"pretrain_iters": warmup + iters + 20 if name == "bcp_pretrain" else 0},
+        "max_iters": warmup + iters + 21,  # + the counted step and the profiled steps
+        "bcp": {
+            "pretrain_iters": warmup + iters + 21 if name == "bcp_pretrain" else 0,
+            "lcc_backend": lcc_backend,
+        },
         "vessa": {"warmup_iters": 0, "prefetch": 4, "timeout_s": 1.0},
         "mean_teacher": {"consistency_start": 0},
     }
@@ -113,6 +157,8 @@ def bench_method(
     _sync(dev)
     elapsed = time.perf_counter() - t0
     loss = float(losses["loss"].detach())
+    ops = count_ops(trainer.train_step)
+    _sync(dev)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -141,6 +187,7 @@ def bench_method(
         "validation_s": t_val,
         "val_volumes": len(trainer.val.volumes),
         "last_loss": loss,
+        **ops,
     }
     if dev.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -186,7 +233,9 @@ def _inprocess_link(data: Path, device: str, encoder: str = "litemedsam"):
     dev = None if device == "auto" else device
     bank = Path(tempfile.mkdtemp(prefix="bench_bank_")) / "bank"
     build_bank(data, 3, bank, encoder=encoder, device=dev)
-    return InProcessAssistantLink("pretrained" if encoder == "litemedsam" else "random", str(bank), device=dev, encoder=encoder)
+    return InProcessAssistantLink(
+        "pretrained" if encoder == "litemedsam" else "random", str(bank), device=dev, encoder=encoder
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -209,6 +258,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="bcp_vessa against an instant stand-in (the trainer's own cost) or a real in-process assistant",
     )
     p.add_argument("--assistant-encoder", default="litemedsam", choices=["litemedsam", "tiny"])
+    p.add_argument(
+        "--lcc-backend",
+        default="auto",
+        choices=["auto", "scipy", "torch"],
+        help="BCP's connected-component cleaning; torch on a CPU counts the ops a GPU step launches",
+    )
     args = p.parse_args(argv)
 
     data = args.data
@@ -231,7 +286,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     dev = "cpu" if dev == "auto" else dev
     # the LCC micro-benchmark at the run's own sizes (half the batch: one labeled or unlabeled half)
-    report["lcc"] = bench_lcc(dev, batch=max(1, args.batch_size // 2), size=args.image_size, repeats=3 if args.iters < 10 else 10)
+    report["lcc"] = bench_lcc(
+        dev, batch=max(1, args.batch_size // 2), size=args.image_size, repeats=3 if args.iters < 10 else 10
+    )
     print(json.dumps({"lcc": report["lcc"]}), flush=True)
     for name in args.methods.split(","):
         r = bench_method(
@@ -246,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             profile=name in args.profile.split(","),
             assistant=args.assistant,
             assistant_encoder=args.assistant_encoder,
+            lcc_backend=args.lcc_backend,
         )
         print(json.dumps(r), flush=True)
         report["methods"].append(r)

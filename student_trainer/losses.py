@@ -11,8 +11,11 @@ import torch.nn.functional as F
 
 
 def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, H, W) integer -> (B, C, H, W) float32."""
-    return F.one_hot(label.long(), num_classes).permute(0, 3, 1, 2).float()
+    """(B, H, W) integer -> (B, C, H, W) float32. A comparison with the class indices rather than
+    `F.one_hot`, which on the CPU reads the label range back (two host syncs per call); a label outside
+    0..C-1 gives an all-zero row (the data layer has checked labels long before)."""
+    classes = torch.arange(num_classes, device=label.device).view(1, -1, 1, 1)
+    return (label.unsqueeze(1) == classes).float()
 
 
 def dice_loss(

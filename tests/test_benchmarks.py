@@ -34,3 +34,8 @@ def test_device_run_smallest_form(tmp_path):
     assert "figure" in proc.stdout and "target" in proc.stdout  # the one table was printed
     for name in ("model.json", "serving.json", "trainer.json"):
         assert (tmp_path / "out" / name).is_file()
+    # the trainer's step is counted op by op (the launch-bound GPU step's cost) and printed
+    trainer = json.loads((tmp_path / "out" / "trainer.json").read_text())
+    for m in trainer["methods"]:
+        assert m["ops_per_it"] > 100 and m["syncs_per_it"] >= 0, m
+    assert "ops/it" in proc.stdout

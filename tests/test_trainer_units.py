@@ -173,6 +173,28 @@ def test_largest_cc_backends_agree_on_random_maps():
             )
 
 
+
+def test_largest_cc_torch_follows_a_spiral():
+    """A one-pixel-wide spiral is one component whose labels must travel its whole length: the worst
+    case for propagation, far beyond the rounds a check block runs."""
+    n = 41
+    seg = np.zeros((1, n, n), np.int64)
+    top, left, bottom, right = 0, 0, n - 1, n - 1
+    while top <= bottom and left <= right:  # walls every other ring, joined: a square spiral
+        seg[0, top, left : right + 1] = 1
+        seg[0, top : bottom + 1, right] = 1
+        if bottom > top:
+            seg[0, bottom, left : right + 1] = 1
+        if left + 2 <= right:
+            seg[0, top + 2 : bottom + 1, left] = 1
+            seg[0, top + 2, left + 1] = 1  # the step inwards to the next turn
+        top, left, bottom, right = top + 2, left + 2, bottom - 2, right - 2
+    seg[0, n // 2, n // 2] = 2
+    assert ndimage.label(seg[0] == 1, structure=np.ones((3, 3)))[1] == 1
+    ref = largest_cc_numpy(seg, 3)
+    out = largest_cc_torch(torch.from_numpy(seg), 3).numpy()
+    assert np.array_equal(out, ref)
+
 # -- BCP pieces -----------------------------------------------------------------------------------
 
 
@@ -393,3 +415,18 @@ def test_prefetch_without_link_and_order_checks():
     pf.submit(1, [1], None)
     with pytest.raises(ValueError):
         pf.submit(3, [3], None)
+
+
+def test_count_ops_counts_ops_and_host_syncs():
+    from student_trainer.benchmark import count_ops
+
+    x = torch.ones(4, 4)
+
+    def step():
+        y = (x + 1) * 2  # two ops
+        torch.equal(y, x)  # a sync
+        float(y.sum())  # an op and a sync (the scalar read back)
+
+    out = count_ops(step)
+    assert out["ops_per_it"] == 5
+    assert out["syncs_per_it"] == 2 and out["sync_ops"] == {"equal": 1, "_local_scalar_dense": 1}
