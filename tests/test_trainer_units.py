@@ -173,7 +173,6 @@ def test_largest_cc_backends_agree_on_random_maps():
             )
 
 
-
 def test_largest_cc_torch_follows_a_spiral():
     """A one-pixel-wide spiral is one component whose labels must travel its whole length: the worst
     case for propagation, far beyond the rounds a check block runs."""
@@ -194,6 +193,7 @@ def test_largest_cc_torch_follows_a_spiral():
     ref = largest_cc_numpy(seg, 3)
     out = largest_cc_torch(torch.from_numpy(seg), 3).numpy()
     assert np.array_equal(out, ref)
+
 
 # -- BCP pieces -----------------------------------------------------------------------------------
 
