@@ -1,6 +1,6 @@
 """One table of the performance figures from a device_run.sh output folder, against the targets.
 
-python -m benchmarks.summarise runs/device_run     # prints the table, writes summary.json there
+    python -m benchmarks.summarise runs/device_run     # prints the table, writes summary.json there
 """
 
 from __future__ import annotations
@@ -36,14 +36,8 @@ def summarise(folder: Path) -> dict:
         "cold model-alone slices/s": max(r["cold_slices_per_s"] for r in model["rows"]),
         "warm Redis-path slices/s": _path(warm, "Redis path")["slices_per_s"],
         "warm Redis path ÷ model alone": _path(warm, "Redis path")["slices_per_s"] / alone_warm,
-        "REST volume/request ÷ model alone (cold)": _path(cold, "HTTP, ", "volume per request")[
-            "slices_per_s"
-        ]
-        / alone_cold,
-        "REST volume/request ÷ model alone (warm)": _path(warm, "HTTP, ", "volume per request")[
-            "slices_per_s"
-        ]
-        / alone_warm,
+        "REST volume/request ÷ model alone (cold)": _path(cold, "HTTP, ", "volume per request")["slices_per_s"] / alone_cold,
+        "REST volume/request ÷ model alone (warm)": _path(warm, "HTTP, ", "volume per request")["slices_per_s"] / alone_warm,
         "trainer VESSA ÷ BCP iteration rate": rates["bcp_vessa"] / rates["bcp"],
         "time/slice spread over 1…512 slices/request": model["scaling_spread"],
     }

@@ -60,16 +60,17 @@ class LoopbackLink:
         self.pending.clear()
 
 
-# aten ops that make the host wait for the device: a scalar read back, a whole-tensor comparison, a
-# non-zero search (its output size), a copy to the host
-_SYNC_OPS = {"_local_scalar_dense", "equal", "nonzero", "item"}
+# aten ops that make the host wait for the device: a scalar read back (`.item()`, `float(t)`), a
+# whole-tensor comparison, a non-zero search (its output size)
+_SYNC_OPS = {"_local_scalar_dense", "equal", "nonzero"}
 
 
 def count_ops(step: Callable[[], Any]) -> dict[str, Any]:
     """Run `step()` once under a dispatch mode that counts aten ops: on a GPU nearly every counted op
     (views and metadata ops aside) is a kernel launch, so the count tracks the launch overhead of a
-    launch-bound step, and it can be taken on the CPU. Host syncs: the ops of `_SYNC_OPS`, plus copies to
-    the host from another device (on the CPU those are no copies at all, so they are not counted there).
+    launch-bound step, and it can be taken on the CPU. Host syncs: the ops of `_SYNC_OPS`, plus
+    `.to("cpu")` / `.cpu()` of a tensor on another device (on the CPU those are no copies, so they are not
+    counted there; an in-place `copy_` into a host tensor is not counted either).
     Note: on the CPU, SGD defaults to one op per tensor (foreach=False); on CUDA it is fused."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
