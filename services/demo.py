@@ -290,12 +290,9 @@ def _stop(started: dict) -> None:
         except subprocess.TimeoutExpired:
             disp.kill()
     if started.get("ray"):
-        try:
-            from ray import serve
-
-            serve.shutdown()
-        except Exception:
-            pass
+        # No serve.shutdown(): the demo owns this local Ray instance, and ray.shutdown() stops every
+        # Serve actor with it; serve.shutdown() first kills the controller mid graceful_shutdown and Ray
+        # prints that task's failure as a red error after a successful run.
         import ray
 
         ray.shutdown()
