@@ -49,6 +49,15 @@ class AssistantSettings(VessaSettings):
     limits: Limits = Limits()
 
 
+def _node_id() -> str | None:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not inside Ray (in-process use)
+        return None
+
+
 def _count_slices(items: list[tuple]) -> int:
     return sum(item[2] for item in items)
 
@@ -328,6 +337,7 @@ class VessaAssistant:
             "classes": [c.__dict__ for c in self.assistant.classes],
             "device": str(self.assistant.device),
             "replica": ctx.replica_id.unique_id if hasattr(ctx, "replica_id") else str(os.getpid()),
+            "node_id": _node_id(),  # which Ray node answered (multi-node tests, `docker compose` workers)
             "ready": self.ready,
             "max_batch_slices": self.settings.max_batch_slices,
             "torch_threads": self.settings.torch_threads,

@@ -535,3 +535,37 @@ async def run_dispatcher(settings: DispatcherSettings, caller: AssistantCaller |
     )
     await d.run()
     return d
+
+
+class DispatcherActor:
+    """The dispatcher as a Ray actor, so it can live on any node of the cluster (place it with
+    `ray.remote(DispatcherActor).options(num_cpus=0, resources={...})`). Several, on different nodes,
+    share the stream as one consumer group: when a node dies, the entries its dispatcher held stay
+    pending and another dispatcher reclaims them after `claim_idle_ms`."""
+
+    def __init__(self, settings: dict):
+        self.settings = DispatcherSettings(**settings)
+        self._d: Dispatcher | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> str:
+        """Wait for the Serve application, start reading; returns the consumer name."""
+        caller = await wait_for_serve_app(self.settings.app_name, self.settings.deployment)
+        self._d = Dispatcher(self.settings, caller)  # type: ignore[arg-type]
+        self._task = asyncio.create_task(self._d.run())
+        return self.settings.consumer
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def counters(self) -> dict:
+        return dict(self._d.counters) if self._d else {}
+
+    async def stop(self) -> dict:
+        """Finish calls in flight (up to `shutdown_grace_s`), leave the rest pending; the counters."""
+        if self._d is not None and self._task is not None:
+            self._d.stop()
+            await self._task
+        return self.counters()
