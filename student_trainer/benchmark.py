@@ -1,13 +1,15 @@
 """Training-step throughput of each method (and validation time), on real or synthetic data.
 
     python -m student_trainer.benchmark --methods supervised,mean_teacher,bcp_pretrain,bcp,bcp_vessa \\
-        --iters 100 --image-size 256 --batch-size 24 [--data DIR] [--compile] [--json OUT]
+        --iters 100 --image-size 256 --batch-size 24 [--data DIR] [--compile] [--step graph] [--json OUT]
 
 Without --data a synthetic dataset is generated in a temporary directory. `bcp_pretrain` times BCP's
 pre-training step, `bcp` its self-training step. `bcp_vessa` runs against `LoopbackLink`, an in-process
 stand-in that answers at once (so the timing covers the trainer's side: the prompt, its transfer to the
 host, the fusion and the geometric re-posing, not a real assistant). Also
 reports the largest-connected-component cleaning of a batch of teacher labels on both backends.
+`--step graph` times the graph-ready step (`student_trainer.static_step`): captured as a CUDA graph on
+CUDA, the same sync-free code run eagerly elsewhere (its op count is then the graph's kernel count).
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ def bench_method(
     assistant: str = "loopback",
     assistant_encoder: str = "litemedsam",
     lcc_backend: str = "auto",
+    step: str = "eager",
+    cuda_graph: bool = True,
 ) -> dict[str, Any]:
     from student_trainer.train import Trainer
 
@@ -137,6 +141,7 @@ def bench_method(
         },
         "vessa": {"warmup_iters": 0, "prefetch": 4, "timeout_s": 1.0},
         "mean_teacher": {"consistency_start": 0},
+        "step": {"mode": step, "cuda_graph": cuda_graph},
     }
     cfg = load_settings(TrainSettings, None, **overrides)
     link = None
@@ -195,6 +200,10 @@ def bench_method(
     if trainer.vessa is not None:
         out["assistant"] = trainer.vessa.summary()
         trainer.vessa.close()
+    if trainer.static is not None:
+        out["graph_step"] = trainer.static.summary()
+        if trainer.static.link is not None:
+            trainer.static.link.close()
     return out
 
 
@@ -265,6 +274,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         choices=["auto", "scipy", "torch"],
         help="BCP's connected-component cleaning; torch on a CPU counts the ops a GPU step launches",
     )
+    p.add_argument(
+        "--step",
+        default="eager",
+        choices=["eager", "graph"],
+        help="the eager step or the graph-ready one (student_trainer.static_step; captured on CUDA)",
+    )
+    p.add_argument("--no-cuda-graph", action="store_true", help="graph-ready step without capture")
     args = p.parse_args(argv)
 
     data = args.data
@@ -282,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "compile": args.compile,
         "assistant": args.assistant,
+        "step": args.step,
         "methods": [],
     }
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
@@ -305,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             assistant=args.assistant,
             assistant_encoder=args.assistant_encoder,
             lcc_backend=args.lcc_backend,
+            step=args.step,
+            cuda_graph=not args.no_cuda_graph,
         )
         print(json.dumps(r), flush=True)
         report["methods"].append(r)

@@ -122,6 +122,25 @@ class AssistantSettings(_Section):
     fusion: FusionSettings = FusionSettings()
 
 
+class StepSettings(_Section):
+    """How a training step runs (`student_trainer.static_step`). eager: the reference loop; graph: the
+    graph-ready step (draws on the device, static shapes, no host sync; captured as one CUDA graph per
+    phase on CUDA when cuda_graph is on, the same code run eagerly elsewhere). graph supports supervised,
+    bcp and bcp_vessa."""
+
+    mode: Literal["eager", "graph"] = "eager"
+    cuda_graph: bool = Field(True, description="capture the graph-ready step on CUDA (ignored elsewhere)")
+    graph_warmup: int = Field(3, ge=1, description="eager steps per phase before the capture")
+    lcc_rounds: int = Field(
+        8, ge=1, description="connected-component rounds of the graph-ready step (ACDC-like maps need 4)"
+    )
+    assistant_refresh_every: int = Field(
+        1000, ge=1, description="bcp_vessa graph step: re-ask the assistant with teacher prompts every N"
+    )
+    assistant_chunk: int = Field(64, ge=1, description="slices per request when filling the assistant table")
+    assistant_timeout_s: float = Field(600.0, gt=0, description="wait at most this long for a table fill")
+
+
 class TrainSettings(VessaSettings):
     """`vessa train` settings. See `configs/train/*.yaml` for the recipes."""
 
@@ -155,9 +174,12 @@ class TrainSettings(VessaSettings):
     mean_teacher: MeanTeacherSettings = MeanTeacherSettings()
     bcp: BCPSettings = BCPSettings()
     vessa: AssistantSettings = AssistantSettings()
+    step: StepSettings = StepSettings()
 
     @model_validator(mode="after")
     def _check_batches(self) -> TrainSettings:
+        if self.step.mode == "graph" and self.method == "mean_teacher":
+            raise ValueError("step.mode=graph supports supervised, bcp and bcp_vessa, not mean_teacher")
         if self.method != "supervised":
             if not 0 < self.labeled_bs < self.batch_size:
                 raise ValueError("labeled_bs must be in (0, batch_size) for semi-supervised methods")

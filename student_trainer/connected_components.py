@@ -40,7 +40,9 @@ def largest_cc_numpy(seg: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def largest_cc_torch(seg: torch.Tensor, num_classes: int, rounds_per_check: int = 4) -> torch.Tensor:
+def largest_cc_torch(
+    seg: torch.Tensor, num_classes: int, rounds_per_check: int = 4, fixed_rounds: int | None = None
+) -> torch.Tensor:
     """seg (B, H, W) integer tensor on any device -> (B, H, W) same dtype, largest component per class.
 
     Label equivalence (Kalentev et al. 2011), with max instead of min, on all (slice, class) planes at
@@ -57,10 +59,32 @@ def largest_cc_torch(seg: torch.Tensor, num_classes: int, rounds_per_check: int 
     neighbour (one host sync); typical maps stop at the first check. Labels are float32 (exact ids up to
     2**24 pixels a slice), since max pooling wants floats. Component sizes come from one scatter-add
     over all planes into a fixed-size buffer (bincount would read its size back to the host).
+
+    `fixed_rounds`: run exactly that many rounds and never check (no host sync at all, the same kernels
+    every call: what a captured CUDA graph needs); `largest_cc_fixed` also says whether they sufficed.
     """
+    return _largest_cc(seg, num_classes, rounds_per_check, fixed_rounds)[0]
+
+
+@torch.no_grad()
+def largest_cc_fixed(
+    seg: torch.Tensor, num_classes: int, rounds: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`largest_cc_torch` with exactly `rounds` rounds and no host sync. Returns (cleaned map, converged):
+    `converged` is a 0-dim bool tensor on the device, False when some pixel still had a larger
+    neighbour after the last round (its component was then cut to the part that had merged; the
+    caller counts these on the device and reads the count when it logs)."""
+    out, converged = _largest_cc(seg, num_classes, 4, rounds)
+    assert converged is not None
+    return out, converged
+
+
+def _largest_cc(
+    seg: torch.Tensor, num_classes: int, rounds_per_check: int, fixed_rounds: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, h, w = seg.shape
     if num_classes <= 1:
-        return seg.clone()
+        return seg.clone(), torch.ones((), dtype=torch.bool, device=seg.device)
     if h * w >= 2**24:
         raise ValueError(f"slices of {h}x{w} pixels exceed the exact float32 id range")
     classes = torch.arange(1, num_classes, device=seg.device).view(1, -1, 1, 1)
@@ -77,13 +101,23 @@ def largest_cc_torch(seg: torch.Tensor, num_classes: int, rounds_per_check: int 
     def representative(lab: torch.Tensor) -> torch.Tensor:  # flat index of the pixel owning each label
         return (lab - 1).clamp_(min=0).long()
 
-    for _ in range(h * w):  # bound never reached: each pass merges labels or stops
-        for _ in range(rounds_per_check):
-            lab = lab.scatter_reduce(1, representative(lab), neighbour_max(lab), reduce="amax")
-            for _ in range(2):
-                lab = torch.where(masks, lab.gather(1, representative(lab)), zero)
-        if torch.equal(neighbour_max(lab), lab):
-            break
+    def one_round(lab: torch.Tensor) -> torch.Tensor:
+        lab = lab.scatter_reduce(1, representative(lab), neighbour_max(lab), reduce="amax")
+        for _ in range(2):
+            lab = torch.where(masks, lab.gather(1, representative(lab)), zero)
+        return lab
+
+    converged: torch.Tensor | None = None
+    if fixed_rounds is not None:
+        for _ in range(fixed_rounds):
+            lab = one_round(lab)
+        converged = (neighbour_max(lab) == lab).all()
+    else:
+        for _ in range(h * w):  # bound never reached: each pass merges labels or stops
+            for _ in range(rounds_per_check):
+                lab = one_round(lab)
+            if torch.equal(neighbour_max(lab), lab):
+                break
     flat = lab.long()
     counts = torch.zeros(planes, h * w + 1, dtype=torch.int32, device=seg.device)
     counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
@@ -91,7 +125,7 @@ def largest_cc_torch(seg: torch.Tensor, num_classes: int, rounds_per_check: int 
     biggest = counts.argmax(dim=1, keepdim=True)  # 0 when the class is absent
     keep = ((flat == biggest) & (biggest > 0)).view(b, k, h, w)
     cls_map = (keep * classes).sum(dim=1)  # components of different classes never overlap
-    return cls_map.to(seg.dtype)
+    return cls_map.to(seg.dtype), converged
 
 
 def largest_connected_component(

@@ -38,6 +38,7 @@ from student_trainer.ema import make_teacher, update_ema_params, update_ema_stat
 from student_trainer.evaluate import ValidationSet, load_validation_set, validate
 from student_trainer.inference import autocast_for, resize_images, resize_labels, resolve_device
 from student_trainer.mean_teacher import mean_teacher_loss
+from student_trainer.static_step import StaticStep
 from student_trainer.supervised import supervised_loss
 from student_trainer.unet import UNet
 
@@ -139,10 +140,15 @@ class Trainer:
         self.best_step = {"pretrain": -1, "train": -1}
 
         self.vessa: VessaPseudoLabeler | None = None
+        self.static: StaticStep | None = None
         if cfg.method == "bcp_vessa":
             link = link if link is not None else build_link(cfg.vessa)
             if link is None:
                 log.warning("bcp_vessa without an assistant link: every batch falls back to the teacher")
+        if cfg.step.mode == "graph":
+            # the graph-ready step asks the assistant through a table, not the per-step prefetcher
+            self.static = StaticStep(self, link)
+        elif cfg.method == "bcp_vessa":
             self.vessa = VessaPseudoLabeler(
                 link,
                 cfg.vessa,
@@ -393,6 +399,7 @@ class Trainer:
                     "sampler": {
                         "labeled": self.labeled_sampler.state_dict(),
                         "unlabeled": self.unlabeled_sampler.state_dict(),
+                        "device_streams": self.static.state_dict() if self.static is not None else None,
                     },
                     "planned": self.vessa.planned_indices() if self.vessa is not None else [],
                     "best_all": {k: float(v) for k, v in self.best.items()},
@@ -421,6 +428,8 @@ class Trainer:
         self._load_rng_state(ckpt["rng"])
         self.labeled_sampler.load_state_dict(ckpt["sampler"]["labeled"])
         self.unlabeled_sampler.load_state_dict(ckpt["sampler"]["unlabeled"])
+        if self.static is not None and ckpt["sampler"].get("device_streams") is not None:
+            self.static.load_state_dict(ckpt["sampler"]["device_streams"])
         self.best = dict(ckpt["best_all"])
         self.best_step = dict(ckpt["best_step_all"])
         self.step = int(ckpt["step"])
@@ -440,11 +449,15 @@ class Trainer:
         phase_step = self.step - phase.start
         if phase.name == "train" and phase_step == 0 and cfg.method in ("bcp", "bcp_vessa"):
             self._start_self_training()
-        if self.teacher is not None:
-            self.teacher.train()
         lr = cfg.optim.lr
         if cfg.optim.schedule == "poly":
             lr = poly_lr(cfg.optim.lr, phase_step, phase.length, cfg.optim.poly_power)
+        if self.static is not None:
+            losses = self.static.run(phase.name, phase_step, lr)
+            self.step += 1
+            return phase, losses, lr
+        if self.teacher is not None:
+            self.teacher.train()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         losses = self._loss(phase, phase_step)
@@ -496,6 +509,8 @@ class Trainer:
                 summary = self.vessa.summary()
                 log.info("assistant: %s", json.dumps(summary))
                 self.vessa.close()
+            if self.static is not None and self.static.link is not None:
+                self.static.link.close()
             self.writer.flush()
         elapsed = time.perf_counter() - t_start
         result: dict[str, Any] = {
@@ -510,6 +525,8 @@ class Trainer:
         }
         if self.vessa is not None:
             result["assistant"] = self.vessa.summary()
+        if self.static is not None:
+            result["graph_step"] = self.static.summary()
         if cfg.final_eval and (self.out_dir / "best.pt").is_file():
             from student_trainer.evaluate import evaluate_checkpoint
 
