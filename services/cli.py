@@ -21,6 +21,7 @@ from typer._click import exceptions as click_exc
 from assistant_server.cli import register as register_assistant
 from services.commands import register as register_services
 from services.demo import register as register_demo
+from services.label_cli import register as register_label
 from shared.data.cli import data_app
 from student_trainer.cli import register as register_trainer
 
@@ -37,6 +38,7 @@ register_assistant(app)
 register_trainer(app)
 register_services(app)
 register_demo(app)
+register_label(app)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

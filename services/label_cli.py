@@ -1,0 +1,127 @@
+"""`vessa label`: pseudo-label a whole dataset through the Redis request stream (docs/jobs.md).
+
+    vessa label --data DIR --out DIR [--redis URL | --ckpt CKPT --bank BANK]
+
+With `--redis` (or VESSA_REDIS_URL) the job uses that running service; otherwise it starts the
+embedded default (local Ray Serve + Redis + dispatcher) with the assistant named by `--ckpt`.
+Exit code 0 when every case is labeled (or was already), 1 when any case failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import typer
+
+label_app = typer.Typer(
+    help="Label a whole dataset (resumable), then rank the labels for review and score them.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+    if any(v < 1 or v > 255 for v in values):
+        raise typer.BadParameter(f"{what} must lie in 1..255 (0 is the background)")
+    return values
+
+
+@label_app.callback()
+def label_cmd(
+    ctx: typer.Context,
+    data: Path | None = typer.Option(None, "--data", help="dataset: nnU-Net/MSD, SSL4MIS HDF5 or a folder of NIfTI files"),
+    out: Path | None = typer.Option(None, "--out", help="output directory (labels/, records/, labels.json, labels.csv)"),
+    redis_url: str | None = typer.Option(None, "--redis", envvar="VESSA_REDIS_URL", help="Redis of a running service (its dispatcher and replicas do the work)"),
+    ckpt: str | None = typer.Option(None, "--ckpt", help="embedded default: assistant checkpoint ('random'/'pretrained' only when asked for by name)"),
+    bank: Path | None = typer.Option(None, "--bank", help="embedded default: template bank"),
+    encoder: str = typer.Option("litemedsam", help="embedded default: litemedsam or tiny"),
+    device: str = typer.Option("cpu", help="embedded default: cpu or cuda"),
+    replicas: int = typer.Option(1, min=1, help="embedded default: assistant replicas"),
+    cases: str | None = typer.Option(None, "--cases", help="comma-separated case ids (default: the selection below)"),
+    all_cases: bool = typer.Option(False, "--all/--unlabeled", help="every case, or only cases without ground truth (default)"),
+    classes: str | None = typer.Option(None, "--classes", help="comma-separated class indices (default: every class of the bank)"),
+    batch_slices: int = typer.Option(8, min=1, max=64, help="slices per request"),
+    max_in_flight: int = typer.Option(4, min=1, max=64, help="requests of this job on the stream at once (bounds what a trainer waits behind)"),
+    cases_in_flight: int = typer.Option(3, min=1, max=32, help="cases read / inferred / written at once"),
+    timeout_s: float = typer.Option(900.0, "--timeout", min=1.0, help="seconds to wait for one request's answer"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
+):
+    """Label every selected case: uint8 NIfTI per case in the input's geometry, a manifest, resumable."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if data is None or out is None:
+        raise typer.BadParameter("--data and --out are required (or use `vessa label rank|score`)")
+    from services.labeling.runner import LabelJob
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    job = LabelJob(
+        data=data.resolve(),
+        out=out.resolve(),
+        cases=[c.strip() for c in cases.split(",") if c.strip()] if cases else None,
+        selection="all" if all_cases else "unlabeled",
+        class_ids=_int_list(classes, "--classes"),
+        batch_slices=batch_slices,
+        max_in_flight=max_in_flight,
+        cases_in_flight=cases_in_flight,
+        request_timeout_s=timeout_s,
+    )
+    if not job.data.is_dir():
+        raise typer.BadParameter(f"dataset directory not found: {data}", param_hint="--data")
+    if redis_url:
+        summary = _run(job, redis_url, progress)
+    else:
+        if ckpt is None or bank is None:
+            raise typer.BadParameter(
+                "no running service given (--redis or VESSA_REDIS_URL) and no assistant for the embedded "
+                "default: pass --ckpt CKPT --bank BANK (untrained parts only when asked for: --ckpt random)"
+            )
+        from services.labeling.embedded import embedded_service
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        typer.echo("starting the embedded default (local Ray Serve + Redis + dispatcher)…", err=True)
+        with embedded_service(ckpt, bank.resolve(), job.out / ".service", encoder, device, replicas) as url:
+            summary = _run(job, url, progress)
+    raise typer.Exit(1 if summary.failed else 0)
+
+
+def _run(job, redis_url: str, show_progress: bool):
+    from tqdm import tqdm
+
+    from services.labeling.report import summary_table
+    from services.labeling.runner import run_label_job
+
+    bar: dict = {}
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "start":
+            bar["t"] = tqdm(total=data["slices"], unit="slice", desc="labeling", disable=not show_progress, dynamic_ncols=True)
+            bar["counts"] = {"ok": 0, "skipped": 0, "failed": 0}
+            bar["n"] = data["cases"]
+        elif kind == "case":
+            rec = data["record"]
+            key = "skipped" if rec is None else ("ok" if rec.status == "ok" else "failed")
+            bar["counts"][key] += 1
+            c = bar["counts"]
+            bar["t"].set_postfix_str(f"cases {sum(c.values())}/{bar['n']} ok {c['ok']} skipped {c['skipped']} failed {c['failed']}")
+            bar["t"].update(data["slices"])
+        elif kind == "done" and "t" in bar:
+            bar["t"].close()
+
+    summary = run_label_job(job, redis_url, on_event)
+    from services.labeling.outputs import read_records
+
+    typer.echo(summary_table(read_records(job.out), summary))
+    typer.echo(f"labels: {job.out / 'labels'}   manifest: {job.out / 'labels.json'}")
+    return summary
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(label_app, name="label")

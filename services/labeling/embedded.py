@@ -1,0 +1,64 @@
+"""The embedded default for `vessa label` with no running service: local Ray Serve with the given
+assistant, an embedded Redis and a dispatcher process, all stopped afterwards (as `vessa demo` does).
+
+It never serves untrained parts unless asked for by name: a checkpoint path is required, or the
+literal `random` / `pretrained` (LiteMedSAM with untrained VESSA parts)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def embedded_service(ckpt: str, bank: Path, run_dir: Path, encoder: str = "litemedsam", device: str = "cpu", replicas: int = 1):
+    """Yields the Redis URL of a local service that answers the request stream."""
+    if ckpt not in ("random", "pretrained") and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"assistant checkpoint not found: {ckpt}")
+    if not (Path(bank) / "manifest.json").is_file():
+        raise FileNotFoundError(f"no template bank at {bank} (manifest.json missing)")
+    import ray
+    from ray import serve
+
+    from assistant_server.app import all_cores_runtime_env, build_app
+    from services.redis_server import EmbeddedRedis, free_port
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    redis_server = dispatcher = None
+    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        cores = os.cpu_count() or 1
+        assistant = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0, "runtime_env": all_cores_runtime_env()}}
+        if device == "cpu":
+            assistant["user_config"] = {"torch_threads": max(1, cores // replicas)}
+        serve.run(
+            build_app(
+                {"ckpt": str(ckpt), "bank": str(bank), "encoder": encoder, "device": device, "max_batch_slices": 16},
+                {"VessaAssistant": assistant, "VessaIngress": {"ray_actor_options": {"num_cpus": 0}}},
+            ),
+            name="vessa",
+            route_prefix="/",
+        )
+        redis_server = EmbeddedRedis(run_dir / "redis").start()
+        log = open(run_dir / "dispatcher.log", "ab")
+        dispatcher = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "dispatcher", "--redis-url", redis_server.url, "--ray-address", ray.get_runtime_context().gcs_address],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, VESSA_REDIS_URL=redis_server.url),
+        )
+        yield redis_server.url
+    finally:
+        if dispatcher is not None and dispatcher.poll() is None:
+            dispatcher.terminate()
+            try:
+                dispatcher.wait(30)
+            except subprocess.TimeoutExpired:
+                dispatcher.kill()
+        ray.shutdown()  # stops every Serve actor of this local instance (see services/demo.py)
+        if redis_server is not None:
+            redis_server.stop()

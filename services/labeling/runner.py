@@ -1,0 +1,301 @@
+"""The label runner: every selected case of a dataset through the Redis request stream, resumably.
+
+It is one more client of `vessa:requests`, like a trainer (`AsyncStreamClient`), so the dispatcher
+spreads its slices over every assistant replica and a job and a training run share a service.
+
+Overlap: `cases_in_flight` cases are worked on at once, each read (and hashed) in a thread, sent as
+requests of `batch_slices` canonical slices, and written in a thread when its answers are in; so
+reading and writing volumes happen while other cases' slices are being inferred.
+
+Fairness: the job never has more than `max_in_flight` requests on the stream (the client's
+backpressure), so a trainer's request waits behind at most `max_in_flight × batch_slices` of the job's
+slices, however large the job (docs/jobs.md, "Sharing a service").
+
+Resume: before any work, one probe request learns the service's model and bank versions; a case whose
+record says ok for the same input hash, model and bank version (and whose label file exists) is
+skipped. Outputs are written atomically (services/labeling/outputs.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from services.labeling.cases import CaseInput, depth, discover, read_case, select
+from services.labeling.outputs import (
+    CaseRecord,
+    ClassStats,
+    is_done,
+    label_path,
+    read_records,
+    remove_partials,
+    write_atomic,
+    write_manifest,
+    write_record,
+)
+from shared.canonical import canonical_slices
+from shared.data.nifti import label_to_nifti_bytes
+from shared.data.resize import resize_label
+from shared.hashing import file_sha256
+
+log = logging.getLogger("vessa.label")
+
+
+@dataclass
+class LabelJob:
+    data: Path
+    out: Path
+    cases: list[str] | None = None
+    selection: str = "unlabeled"  # or "all"
+    class_ids: list[int] | None = None
+    batch_slices: int = 8
+    max_in_flight: int = 4
+    cases_in_flight: int = 3
+    request_timeout_s: float = 900.0
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+@dataclass
+class JobSummary:
+    job_id: str
+    cases: int = 0
+    labeled: int = 0
+    skipped: int = 0
+    failed: int = 0
+    cancelled: bool = False
+    slices: int = 0  # slices inferred in this run
+    seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)
+    model_version: str = ""
+    bank_version: int = -1
+
+    @property
+    def slices_per_s(self) -> float:
+        return self.slices / self.seconds if self.seconds > 0 else 0.0
+
+
+Event = Callable[[str, dict], None]  # (kind, data): "start", "case", "done"
+
+
+def class_stats(labels: np.ndarray, conf: np.ndarray, class_ids: list[int], spacing) -> dict[int, ClassStats]:
+    """Per class: confidence over the slices where the class was found (mean and worst), voxels, mL.
+
+    labels (D, H, W) uint8 in the input's grid; conf (D, C) per slice and class, background first."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0 if spacing is not None else None
+    out = {}
+    for k in class_ids:
+        mask = labels == k
+        present = mask.any(axis=(1, 2))
+        voxels = int(mask.sum())
+        s = ClassStats(voxels=voxels, volume_ml=None if voxel_ml is None else round(voxels * voxel_ml, 3))
+        if present.any() and k < conf.shape[1]:
+            vals = conf[present, k].astype(np.float64)
+            vals = np.where(np.isfinite(vals), vals, 0.0)
+            idx = np.flatnonzero(present)
+            s.confidence_mean = round(float(vals.mean()), 4)
+            s.confidence_worst = round(float(vals.min()), 4)
+            s.worst_slice = int(idx[int(vals.argmin())])
+        out[k] = s
+    return out
+
+
+def case_confidence(stats: dict[int, ClassStats]) -> float:
+    """A case's trust: the mean over its classes of their mean confidence (a class never found: 0)."""
+    if not stats:
+        return 0.0
+    return round(float(np.mean([s.confidence_mean or 0.0 for s in stats.values()])), 4)
+
+
+class LabelRunner:
+    def __init__(self, job: LabelJob, redis_url: str, on_event: Event | None = None, should_stop: Callable[[], bool] | None = None):
+        self.job = job
+        self.redis_url = redis_url
+        self.on_event = on_event or (lambda kind, data: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.summary = JobSummary(job.job_id)
+        self.records: dict[str, CaseRecord] = {}
+        self.class_names: dict[int, str] = {}
+        self._last_manifest = 0.0
+        self.client = None  # the stream client while the job runs
+
+    def job_info(self) -> dict:
+        j = self.job
+        return {
+            "job_id": j.job_id,
+            "data": str(j.data),
+            "selection": j.selection if not j.cases else "cases",
+            "class_ids": j.class_ids,
+            "model_version": self.summary.model_version,
+            "bank_version": self.summary.bank_version,
+        }
+
+    async def run(self) -> JobSummary:
+        from student_trainer.stream_client import AsyncStreamClient
+
+        j = self.job
+        t0 = time.perf_counter()
+        out = Path(j.out)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partials(out)
+        found = discover(Path(j.data))
+        self.class_names = found.class_names
+        chosen = select(found, j.cases, j.selection)
+        if not chosen:
+            raise ValueError(
+                f"no cases to label in {j.data}: all {len(found.cases)} have ground truth (use --all or --cases)"
+                if found.cases
+                else f"no cases in {j.data}"
+            )
+        self.records = read_records(out)
+        client = AsyncStreamClient(self.redis_url, f"label-{j.job_id}", max_in_flight=j.max_in_flight)
+        self.client = client
+        await client.start()
+        try:
+            await self._probe(client)
+            depths = await asyncio.to_thread(lambda: {c.case_id: depth(c) for c in chosen})
+            self.summary.cases = len(chosen)
+            self.on_event("start", {"cases": len(chosen), "slices": sum(depths.values()), "depths": depths})
+            queue: asyncio.Queue[CaseInput] = asyncio.Queue()
+            for c in chosen:
+                queue.put_nowait(c)
+            workers = [asyncio.create_task(self._worker(client, queue, depths)) for _ in range(max(1, j.cases_in_flight))]
+            await asyncio.gather(*workers)
+        finally:
+            self.summary.seconds = time.perf_counter() - t0
+            await client.close()
+            write_manifest(out, self.job_info(), self.records)
+        self.on_event("done", {"summary": self.summary})
+        return self.summary
+
+    async def _probe(self, client) -> None:
+        """One blank slice: the service's model and bank versions (the resume key), and a clear error
+        when the service cannot answer at all."""
+        rid = await client.submit(np.zeros((1, 256, 256), np.uint8), class_ids=self.job.class_ids)
+        res = await client.result(rid, self.job.request_timeout_s)
+        if res is None:
+            raise RuntimeError(
+                f"the assistant did not answer within {self.job.request_timeout_s:.0f} s "
+                "(is a dispatcher running on this Redis, with the Serve app up?)"
+            )
+        if res.status != "ok":
+            raise RuntimeError(f"the assistant refused the job: {res.error}")
+        self.summary.model_version = res.model_version
+        self.summary.bank_version = res.bank_version
+
+    async def _worker(self, client, queue: asyncio.Queue, depths: dict[str, int]) -> None:
+        while not queue.empty():
+            if self.should_stop():
+                self.summary.cancelled = True
+                return
+            case = queue.get_nowait()
+            rec = await self._label_case(client, case)
+            if rec is not None:
+                self.records[case.case_id] = rec
+                self._maybe_manifest()
+            self.on_event("case", {"case": case.case_id, "record": rec, "slices": depths.get(case.case_id, 0)})
+
+    def _maybe_manifest(self) -> None:
+        now = time.monotonic()
+        if now - self._last_manifest > 10.0:
+            self._last_manifest = now
+            write_manifest(Path(self.job.out), self.job_info(), self.records)
+
+    async def _label_case(self, client, case: CaseInput) -> CaseRecord | None:
+        """The case's new record, or None when it was already done (skipped)."""
+        j, s = self.job, self.summary
+        out = Path(j.out)
+        t0 = time.perf_counter()
+        try:
+            sha = await asyncio.to_thread(file_sha256, case.path)
+        except OSError as exc:
+            return self._failed(case, None, f"cannot read {case.path.name}: {exc}", t0)
+        if is_done(self.records.get(case.case_id), out, sha, s.model_version, s.bank_version):
+            s.skipped += 1
+            return None
+        try:
+            vol = await asyncio.to_thread(read_case, case)
+            canon = await asyncio.to_thread(canonical_slices, list(vol.image))
+        except (ValueError, KeyError, OSError) as exc:
+            return self._failed(case, sha, str(exc), t0)
+        rids = []
+        for i in range(0, len(canon), j.batch_slices):
+            rids.append(await client.submit(canon[i : i + j.batch_slices], class_ids=j.class_ids))
+        labels, confs = [], []
+        model_version, bank_version = s.model_version, s.bank_version
+        error = None
+        for rid in rids:
+            res = await client.result(rid, j.request_timeout_s)
+            if res is None:
+                client.abandon(rid)
+                error = error or f"no answer within {j.request_timeout_s:.0f} s"
+                continue
+            if res.status != "ok":
+                error = error or f"assistant: {res.error}"
+                continue
+            labels.append(res.labels)
+            confs.append(res.confidence)
+            model_version, bank_version = res.model_version, res.bank_version
+        if error is not None:
+            return self._failed(case, sha, error, t0)
+        lab256 = np.concatenate(labels)
+        conf = np.concatenate(confs)
+        d, h, w = vol.image.shape
+        label = resize_label(lab256, (h, w)).astype(np.uint8)
+        n_classes = conf.shape[1]
+        class_ids = j.class_ids or list(range(1, n_classes))
+        stats = class_stats(label, conf, class_ids, vol.spacing)
+        dest = label_path(out, case.case_id)
+        try:
+            data = await asyncio.to_thread(label_to_nifti_bytes, label, vol)
+            await asyncio.to_thread(write_atomic, dest, data)
+        except (ValueError, OSError) as exc:
+            return self._failed(case, sha, f"cannot write the label map: {exc}", t0)
+        rec = CaseRecord(
+            case_id=case.case_id,
+            status="ok",
+            input=str(case.path),
+            input_sha256=sha,
+            output=str(dest.relative_to(out)),
+            slices=d,
+            shape=[int(x) for x in vol.image.shape],
+            spacing=[float(x) for x in vol.spacing] if vol.spacing is not None else None,
+            classes={self.class_names.get(k, f"class_{k}"): v for k, v in stats.items()},
+            confidence=case_confidence(stats),
+            model_version=model_version,
+            bank_version=bank_version,
+            seconds=round(time.perf_counter() - t0, 3),
+            run_id=j.job_id,
+            finished_at=time.time(),
+        )
+        await asyncio.to_thread(write_record, out, rec)
+        s.labeled += 1
+        s.slices += d
+        return rec
+
+    def _failed(self, case: CaseInput, sha: str | None, error: str, t0: float) -> CaseRecord:
+        log.warning("case %s failed: %s", case.case_id, error)
+        self.summary.failed += 1
+        self.summary.errors[case.case_id] = error
+        rec = CaseRecord(
+            case_id=case.case_id,
+            status="failed",
+            error=error,
+            input=str(case.path),
+            input_sha256=sha,
+            seconds=round(time.perf_counter() - t0, 3),
+            run_id=self.job.job_id,
+            finished_at=time.time(),
+        )
+        write_record(Path(self.job.out), rec)
+        return rec
+
+
+def run_label_job(job: LabelJob, redis_url: str, on_event: Event | None = None, should_stop=None) -> JobSummary:
+    return asyncio.run(LabelRunner(job, redis_url, on_event, should_stop).run())

@@ -1,0 +1,218 @@
+"""`vessa label` end to end: real redis-server, real dispatcher processes, the session's real Serve app
+(tiny encoder, random weights), real files. A job over synthetic volumes, a corrupt file among them,
+the runner SIGKILLed and restarted, a dispatcher killed mid-job, two jobs beside a trainer."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from services.labeling.outputs import read_manifest, read_records
+from services.labeling.runner import LabelJob, LabelRunner, run_label_job
+from shared.canonical import canonical_slices
+from shared.data import open_dataset
+from student_trainer.stream_client import AsyncStreamClient
+from tests.conftest import ROOT, start_dispatcher
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+N_GOOD = 6
+
+
+@pytest.fixture(scope="module")
+def nifti_folder(synth_dir, tmp_path_factory) -> Path:
+    """A plain folder of NIfTI volumes (the synthetic cases, cut to their first 4 slices so a CPU
+    replica labels them in seconds; the affine stays valid) plus one corrupt file."""
+    root = tmp_path_factory.mktemp("label_in")
+    for path in sorted((synth_dir / "imagesTr").glob("*.nii.gz"))[:N_GOOD]:
+        img = nib.load(path)
+        part = nib.Nifti1Image(np.asanyarray(img.dataobj)[:, :, :4].copy(), img.affine, img.header)
+        nib.save(part, root / path.name.replace("_0000", ""))
+    good = sorted(root.glob("*.nii.gz"))[0].read_bytes()
+    (root / "broken.nii.gz").write_bytes(gzip.compress(gzip.decompress(good)[:600]))  # truncated voxels
+    return root
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def dispatcher(serve_app, redis_server, tmp_path):
+    proc = start_dispatcher(redis_server.url, serve_app.gcs_address, tmp_path / "d.log")
+    yield proc
+    _stop(proc)
+
+
+def _good_cases(folder: Path) -> list[str]:
+    return sorted(p.name[: -len(".nii.gz")] for p in folder.glob("*.nii.gz") if p.name != "broken.nii.gz")
+
+
+def test_job_labels_every_case_in_the_input_geometry_and_reports_the_corrupt_one(
+    serve_app, redis_server, dispatcher, nifti_folder, tmp_path
+):
+    out = tmp_path / "out"
+    summary = run_label_job(LabelJob(nifti_folder, out, batch_slices=4), redis_server.url)
+    assert summary.labeled == N_GOOD and summary.failed == 1
+    assert "broken" in summary.errors and "truncated" in summary.errors["broken"].lower()
+    for case in _good_cases(nifti_folder):
+        src = nib.load(nifti_folder / f"{case}.nii.gz")
+        lab = nib.load(out / "labels" / f"{case}.nii.gz")
+        assert lab.shape == src.shape
+        assert np.allclose(lab.affine, src.affine)
+        assert lab.get_data_dtype() == np.uint8
+        assert int(lab.header["qform_code"]) == int(src.header["qform_code"])
+    manifest = read_manifest(out)
+    assert manifest["counts"] == {"cases": N_GOOD + 1, "ok": N_GOOD, "failed": 1}
+    by_id = {c["case_id"]: c for c in manifest["cases"]}
+    assert by_id["broken"]["status"] == "failed" and by_id["broken"]["error"]
+    ok = by_id[_good_cases(nifti_folder)[0]]
+    assert len(ok["input_sha256"]) == 64 and ok["model_version"] and ok["bank_version"] >= 0
+    assert ok["slices"] == nib.load(nifti_folder / f"{ok['case_id']}.nii.gz").shape[2]
+    assert set(ok["classes"]) == {"class_1", "class_2", "class_3"}  # a plain folder names no classes
+    for stats in ok["classes"].values():
+        if stats["voxels"]:
+            assert stats["volume_ml"] > 0 and 0 <= stats["confidence_worst"] <= stats["confidence_mean"] <= 1
+    header = (out / "labels.csv").read_text().splitlines()[0]
+    assert header.startswith("case_id,status,confidence") and "class_1_volume_ml" in header
+    assert not list(out.rglob(".*.tmp"))
+
+    # the rerun labels nothing twice: every good case is skipped, the broken one is tried (and fails) again
+    again = run_label_job(LabelJob(nifti_folder, out), redis_server.url)
+    assert (again.labeled, again.skipped, again.failed) == (0, N_GOOD, 1)
+    # a changed input is labeled again (its hash differs)
+    first = _good_cases(nifti_folder)[0]
+    img = nib.load(nifti_folder / f"{first}.nii.gz")
+    changed = tmp_path / "changed"
+    shutil.copytree(nifti_folder, changed)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine, img.header), changed / f"{first}.nii.gz")
+    third = run_label_job(LabelJob(changed, out), redis_server.url)
+    assert (third.labeled, third.skipped) == (1, N_GOOD - 1)
+
+
+def _label_cli(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "label", *args],
+        cwd=ROOT,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
+    )
+
+
+def test_runner_sigkilled_mid_job_resumes_without_relabeling(serve_app, redis_server, dispatcher, nifti_folder, tmp_path):
+    """`vessa label` killed with SIGKILL after two cases; the rerun finishes the rest, leaves the
+    finished ones as they were (same run, same time) and no temporary or partial file anywhere."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for case in _good_cases(nifti_folder):
+        shutil.copy(nifti_folder / f"{case}.nii.gz", data)
+    out = tmp_path / "out"
+    args = ["--data", str(data), "--out", str(out), "--redis", redis_server.url, "--cases-in-flight", "1", "--batch-slices", "2", "--no-progress"]
+    proc = _label_cli(args, tmp_path / "run1.log")
+    deadline = time.monotonic() + 240
+    while len(read_records(out)) < 2:
+        assert proc.poll() is None, (tmp_path / "run1.log").read_text()
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    before = {k: r for k, r in read_records(out).items() if r.status == "ok"}
+    assert 2 <= len(before) < N_GOOD, "the kill did not land mid-job"
+    second = _label_cli(args, tmp_path / "run2.log")
+    assert second.wait(240) == 0, (tmp_path / "run2.log").read_text()
+    after = read_records(out)
+    assert sorted(after) == _good_cases(data) and all(r.status == "ok" for r in after.values())
+    for case, rec in before.items():
+        assert (after[case].run_id, after[case].finished_at) == (rec.run_id, rec.finished_at), f"{case} relabeled"
+    assert len({r.run_id for r in after.values()}) == 2
+    assert not list(out.rglob(".*.tmp")) and not list(out.rglob("*.tmp"))
+    for case in after:
+        nib.load(out / "labels" / f"{case}.nii.gz").get_fdata()  # every file whole
+    log = (tmp_path / "run2.log").read_text()
+    assert f"{N_GOOD - len(before)} labeled, {len(before)} already done, 0 failed" in log
+
+
+def test_dispatcher_restart_mid_job_loses_nothing(serve_app, redis_server, nifti_folder, tmp_path):
+    env = {"claim_idle_ms": 1500, "claim_interval_s": 0.5}
+    first = start_dispatcher(redis_server.url, serve_app.gcs_address, tmp_path / "d1.log", consumer="first", **env)
+    out = tmp_path / "out"
+    box: dict = {}
+    job = LabelJob(nifti_folder, out, cases=_good_cases(nifti_folder), batch_slices=2, max_in_flight=6)
+    t = threading.Thread(target=lambda: box.setdefault("s", run_label_job(job, redis_server.url)))
+    t.start()
+    second = None
+    try:
+        deadline = time.monotonic() + 240
+        while len(read_records(out)) < 1:
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.05)
+        first.kill()  # mid-job: requests read and unanswered, others not read yet
+        first.wait(10)
+        second = start_dispatcher(redis_server.url, serve_app.gcs_address, tmp_path / "d2.log", consumer="second", **env)
+        t.join(300)
+    finally:
+        _stop(first)
+        if second is not None:
+            _stop(second)
+    assert not t.is_alive()
+    s = box["s"]
+    assert (s.labeled, s.failed) == (N_GOOD, 0)
+    assert s.cases == N_GOOD and all(r.status == "ok" for r in read_records(out).values())
+
+
+def test_two_jobs_and_a_trainer_share_the_service(serve_app, redis_server, dispatcher, nifti_folder, synth_dir, tmp_path):
+    """Two jobs at once and a trainer's requests beside them: everything completes; the jobs keep at
+    most `max_in_flight` requests each on the stream, so the trainer's are served in between."""
+    ds = open_dataset(synth_dir)
+    trainer_slices = canonical_slices([ds.read_unlabeled(r).image for r in ds.slice_refs()[:4]])
+    cases = _good_cases(nifti_folder)
+    peak = {"a": 0, "b": 0}
+
+    async def scenario():
+        runners = {
+            name: LabelRunner(LabelJob(nifti_folder, tmp_path / name, cases=part, batch_slices=2, max_in_flight=2), redis_server.url)
+            for name, part in (("a", cases[:3]), ("b", cases[3:]))
+        }
+        jobs = [asyncio.create_task(r.run()) for r in runners.values()]
+        trainer = AsyncStreamClient(redis_server.url, "trainer-beside-jobs", max_in_flight=4)
+        await trainer.start()
+        answers = []
+        try:
+            for i in range(12):
+                rid = await trainer.submit(trainer_slices[i % 4][None])
+                answers.append(await trainer.result(rid, 120))
+                # the jobs' own bound: never more than max_in_flight requests out
+                for name, r in runners.items():
+                    c = getattr(r, "client", None)
+                    if c is not None:
+                        peak[name] = max(peak[name], c.in_flight)
+        finally:
+            await trainer.close()
+        return await asyncio.gather(*jobs), answers
+
+    summaries, answers = asyncio.run(scenario())
+    assert all(a is not None and a.status == "ok" for a in answers)
+    assert [s.labeled for s in summaries] == [3, N_GOOD - 3] and all(s.failed == 0 for s in summaries)
+    assert max(peak.values()) <= 2
+    for name in ("a", "b"):
+        assert json.loads((tmp_path / name / "labels.json").read_text())["counts"]["failed"] == 0
