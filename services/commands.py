@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -76,11 +77,15 @@ def serve_cmd(
     run_dir: Path = typer.Option(Path("runs/serve"), help="where the embedded Redis keeps its AOF"),
     num_cpus: int | None = typer.Option(None, help="CPUs of a local Ray instance"),
 ):
-    """Start (or join) Ray, deploy the VESSA Serve application, print its URL, stop cleanly on Ctrl-C."""
+    """Start (or join) Ray, deploy the VESSA Serve application, print its URL, stop cleanly on Ctrl-C.
+
+    Exit status: 0 after Ctrl-C/SIGTERM (also while waiting for replicas), 2 when the cluster cannot
+    place the replicas asked for (checked before deploying), 1 when the deployment fails."""
     import ray
     from ray import serve
 
     from assistant_server.app import build_app
+    from services.placement import PlacementError, check_placement
 
     cfg = load_serve_config(config)
     args, deployments, http = application_options(
@@ -101,45 +106,123 @@ def serve_cmd(
 
         url, redis_server = redis_url_or_embedded(run_dir)
         args.setdefault("redis_url", url)
-    ray.init(
-        address=address,
-        num_cpus=num_cpus if address is None else None,
-        include_dashboard=False,
-        ignore_reinit_error=True,
-    )
-    serve.start(http_options=http)
-    serve.run(build_app(args, deployments), name="vessa", route_prefix="/")
-    url = f"http://{http['host']}:{http['port']}"
-    typer.echo(f"VESSA is serving at {url}  (OpenAPI: {url}/docs)")
-    if stream:
-        gcs = ray.get_runtime_context().gcs_address
-        env = dict(os.environ, VESSA_REDIS_URL=args["redis_url"])
-        dispatcher = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "dispatcher", "--ray-address", gcs], env=env
-        )
-        typer.echo(f"Redis path: {args['redis_url']} (dispatcher pid {dispatcher.pid})")
+    if args.get("redis_url") and not os.environ.get("VESSA_REDIS_URL"):
+        # a local Ray's processes inherit it: the backlog autoscaling policy runs in Serve's controller
+        os.environ["VESSA_REDIS_URL"] = args["redis_url"]
     stop = {"now": False}
 
     def _stop(*_):
         stop["now"] = True
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    def _handle_signals():
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
+
+    def _check(nodes: list[dict]) -> None:
+        try:
+            for warning in check_placement(
+                deployments, nodes, config_name=str(config or "deploy/serve_cpu.yaml"), local=address is None
+            ):
+                typer.echo(f"warning: {warning}", err=True)
+        except PlacementError as exc:
+            typer.echo(f"vessa serve: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    if address is None:  # a local Ray gets this machine's CPUs (or --num-cpus) and GPUs: check before starting it
+        _check([local_resources(num_cpus)])
+    _handle_signals()
+    served = False
     try:
+        ray.init(
+            # "local": a new instance even when `ray start` left an address behind for `ray.init()`
+            address=address or "local",
+            num_cpus=num_cpus if address is None else None,
+            include_dashboard=False,
+            ignore_reinit_error=True,
+        )
+        _handle_signals()  # ray.init installs its own SIGTERM handler (a C++ stack trace on exit): ours again
+        if stop["now"]:
+            return
+        if address is not None:
+            _check([n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        serve.start(http_options=http)
+        # Deploy without Serve's own wait (which neither Ctrl-C nor SIGTERM ends cleanly), then wait here.
+        serve.run_many(
+            [serve.RunTarget(build_app(args, deployments), name="vessa", route_prefix="/")],
+            wait_for_ingress_deployment_creation=False,
+            wait_for_applications_running=False,
+        )
+        if not _wait_running(stop):
+            return
+        served = True
+        url = f"http://{http['host']}:{http['port']}"
+        typer.echo(f"VESSA is serving at {url}  (OpenAPI: {url}/docs)")
+        if stream:
+            gcs = ray.get_runtime_context().gcs_address
+            env = dict(os.environ, VESSA_REDIS_URL=args["redis_url"])
+            dispatcher = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "dispatcher", "--ray-address", gcs], env=env
+            )
+            typer.echo(f"Redis path: {args['redis_url']} (dispatcher pid {dispatcher.pid})")
         while not stop["now"]:
             time.sleep(0.5)
             if dispatcher is not None and dispatcher.poll() is not None:
                 typer.echo(f"dispatcher exited with {dispatcher.returncode}; restarting it")
                 dispatcher = subprocess.Popen(dispatcher.args, env=env)
+    except KeyboardInterrupt:  # Ctrl-C before our handler was in place (inside ray.init)
+        pass
     finally:
-        typer.echo("shutting down")
+        typer.echo("shutting down" if served else "stopping before the application was ready", err=not served)
         if dispatcher is not None and dispatcher.poll() is None:
             dispatcher.terminate()
             dispatcher.wait(30)
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            if served or address is not None:
+                with contextlib.suppress(Exception):
+                    serve.shutdown()
+            ray.shutdown()
         if redis_server is not None:
             redis_server.stop()
+
+
+def local_resources(num_cpus: int | None) -> dict[str, float]:
+    """What a local Ray instance started here will have: Ray's own count of CPUs and NVIDIA GPUs."""
+    from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+    cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
+    try:
+        gpus = NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()
+        visible = NvidiaGPUAcceleratorManager.get_current_process_visible_accelerator_ids()
+        if visible is not None:
+            gpus = min(gpus, len(visible))
+    except Exception:
+        gpus = 0
+    return {"CPU": float(cpus), "GPU": float(gpus)}
+
+
+def _wait_running(stop: dict, report_every_s: float = 30.0) -> bool:
+    """Wait until the application runs (True) or a stop signal arrives (False); a failed deployment
+    exits with status 1 and Serve's message. Says what it waits for every `report_every_s`."""
+    from ray import serve
+
+    typer.echo("waiting for the VESSA application to start (Ctrl-C stops)", err=True)
+    last = time.monotonic()
+    while not stop["now"]:
+        app = serve.status().applications.get("vessa")
+        status = str(getattr(app.status, "value", app.status)) if app else "NOT_STARTED"
+        if status == "RUNNING":
+            return True
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            typer.echo(f"vessa serve: the application failed to deploy: {app.message}", err=True)
+            raise typer.Exit(1)
+        if time.monotonic() - last >= report_every_s:
+            states = {
+                name: dict(d.replica_states) for name, d in (app.deployments.items() if app else [])
+            }
+            typer.echo(f"still waiting: {status}, replicas {states}", err=True)
+            last = time.monotonic()
+        time.sleep(0.25)
+    return False
 
 
 def dispatcher_cmd(
