@@ -63,6 +63,17 @@ def dispatcher(serve_app, redis_server, tmp_path):
     _stop(proc)
 
 
+def _fresh_copy(src: Path, dst: Path, flip_axis: int) -> Path:
+    """The good cases, flipped: slices the replica has not embedded yet, so a job takes long enough
+    for a kill to land in the middle of it (cached slices would be answered almost at once)."""
+    dst.mkdir()
+    for case in _good_cases(src):
+        img = nib.load(src / f"{case}.nii.gz")
+        data = np.flip(np.asanyarray(img.dataobj), flip_axis).copy()
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), dst / f"{case}.nii.gz")
+    return dst
+
+
 def _good_cases(folder: Path) -> list[str]:
     return sorted(p.name[: -len(".nii.gz")] for p in folder.glob("*.nii.gz") if p.name != "broken.nii.gz")
 
@@ -122,10 +133,7 @@ def _label_cli(args: list[str], log: Path) -> subprocess.Popen:
 def test_runner_sigkilled_mid_job_resumes_without_relabeling(serve_app, redis_server, dispatcher, nifti_folder, tmp_path):
     """`vessa label` killed with SIGKILL after two cases; the rerun finishes the rest, leaves the
     finished ones as they were (same run, same time) and no temporary or partial file anywhere."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for case in _good_cases(nifti_folder):
-        shutil.copy(nifti_folder / f"{case}.nii.gz", data)
+    data = _fresh_copy(nifti_folder, tmp_path / "data", flip_axis=0)
     out = tmp_path / "out"
     args = ["--data", str(data), "--out", str(out), "--redis", redis_server.url, "--cases-in-flight", "1", "--batch-slices", "2", "--no-progress"]
     proc = _label_cli(args, tmp_path / "run1.log")
@@ -157,7 +165,8 @@ def test_dispatcher_restart_mid_job_loses_nothing(serve_app, redis_server, nifti
     first = start_dispatcher(redis_server.url, serve_app.gcs_address, tmp_path / "d1.log", consumer="first", **env)
     out = tmp_path / "out"
     box: dict = {}
-    job = LabelJob(nifti_folder, out, cases=_good_cases(nifti_folder), batch_slices=2, max_in_flight=6)
+    data = _fresh_copy(nifti_folder, tmp_path / "data", flip_axis=1)
+    job = LabelJob(data, out, batch_slices=2, max_in_flight=6)
     t = threading.Thread(target=lambda: box.setdefault("s", run_label_job(job, redis_server.url)))
     t.start()
     second = None
