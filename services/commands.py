@@ -175,7 +175,11 @@ def serve_cmd(
         typer.echo("shutting down" if served else "stopping before the application was ready", err=not served)
         if dispatcher is not None and dispatcher.poll() is None:
             dispatcher.terminate()
-            dispatcher.wait(30)
+            try:
+                dispatcher.wait(30)
+            except subprocess.TimeoutExpired:  # stuck, e.g. connecting to a Ray that is already gone
+                dispatcher.kill()
+                dispatcher.wait(10)
         if ray.is_initialized():
             if served or address is not None:
                 with contextlib.suppress(Exception):
