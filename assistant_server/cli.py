@@ -119,6 +119,35 @@ def assistant_train(
     typer.echo(f"checkpoint: {path}")
 
 
+@assistant_app.command("recipe")
+def assistant_recipe(
+    config: Path | None = typer.Option(None, "--config", help="recipe YAML (configs/assistant/*.yaml)"),
+    data: Path | None = typer.Option(None, "--data", help="dataset directory (overrides the config)"),
+    labeled: int | None = typer.Option(None, "--labeled", help="labeled patients, the first N"),
+    out: Path | None = typer.Option(None, "--out", help="recipe directory (bank/, assistant.pt)"),
+    encoder: str | None = typer.Option(None, help="litemedsam or tiny (tests only)"),
+    device: str | None = typer.Option(None, help="cpu, cuda, … (default: cuda if available)"),
+    steps: int | None = typer.Option(None, help="override the config's Stage-1 steps"),
+    batch_size: int | None = typer.Option(None, help="override the config's Stage-1 batch size"),
+    show_config: bool = typer.Option(False, "--show-config", help="print the resolved recipe and exit"),
+):
+    """Bank + Stage-1 in one command: build the template bank of the first N patients, then train the
+    assistant on it with the recipe's schedule; the checkpoint carries the inference options it is
+    served with. Rerun to resume."""
+    from assistant_server.recipe import RecipeSettings, run_recipe
+    from shared.config import dump_yaml, load_settings
+
+    s = load_settings(RecipeSettings, config, data=data, labeled=labeled, out=out, encoder=encoder, device=device)
+    extra = {k: v for k, v in {"steps": steps, "batch_size": batch_size}.items() if v is not None}
+    if extra:
+        s = s.model_copy(update={"train": {**s.train, **extra}})
+    if show_config:
+        typer.echo(dump_yaml(s))
+        return
+    path = run_recipe(s)
+    typer.echo(f"checkpoint: {path}")
+
+
 @assistant_app.command("eval")
 def assistant_eval(
     ckpt: str = typer.Option(..., "--ckpt", help="checkpoint, or 'pretrained' for the untrained assistant"),
@@ -134,10 +163,25 @@ def assistant_eval(
     limit: int | None = typer.Option(None, help="evaluate only the first N volumes"),
     seed: int = typer.Option(0, help="seed of the simulated noisy student"),
     embed_store: Path | None = typer.Option(None, help="directory persisting encoder embeddings across runs"),
+    modes: str | None = typer.Option(
+        None, help="comma-separated subset of templates,noisy_student,student_input,litemedsam_box,label_transfer"
+    ),
+    refine_passes: int | None = typer.Option(None, help="override: self-prompted refinement passes (0-4)"),
+    volume_context: float | None = typer.Option(None, help="override: weight of slices z±1 in a refinement prompt"),
+    lcc: str | None = typer.Option(None, "--lcc", help="override: largest-component cleaning off|auto|on"),
+    templates: int | None = typer.Option(None, "--templates", help="override: templates retrieved per query"),
+    cpu_bf16: bool = typer.Option(False, "--cpu-bf16", help="bf16 autocast on the CPU"),
 ):
-    """Per-volume, per-class Dice/Jaccard/HD95/ASD for prompting modes and baselines (JSON + table)."""
-    from assistant_server.evaluate import EvalSettings, evaluate_assistant
+    """Per-volume, per-class Dice/Jaccard/HD95/ASD for prompting modes and baselines (JSON + table), and how
+    well the assistant's confidence ranks the volumes (Spearman vs true Dice, reliability table).
+    Inference options default to the checkpoint's own (what a replica serves); flags override them."""
+    from assistant_server.evaluate import MODES, EvalSettings, evaluate_assistant
+    from shared.ranking import reliability_markdown
 
+    chosen = tuple(m.strip() for m in modes.split(",")) if modes else MODES
+    unknown = [m for m in chosen if m not in MODES]
+    if unknown:
+        raise typer.BadParameter(f"unknown mode(s) {unknown}: choose from {list(MODES)}", param_hint="--modes")
     s = EvalSettings(
         ckpt=ckpt,
         data=data,
@@ -148,9 +192,19 @@ def assistant_eval(
         limit=limit,
         seed=seed,
         embed_store=embed_store,
+        modes=chosen,
+        refine_passes=refine_passes,
+        volume_context=volume_context,
+        largest_component=lcc,
+        num_templates=templates,
+        cpu_bf16=cpu_bf16,
     )
     report = evaluate_assistant(s)
     typer.echo(report["table"])
+    for mode, r in report["ranking"].items():
+        per_class = ", ".join(f"{k} {v:.2f}" for k, v in r["spearman_per_class"].items())
+        typer.echo(f"\nconfidence vs true Dice, {mode}: Spearman {r['spearman']:.3f} over volumes ({per_class})")
+        typer.echo(reliability_markdown(r["reliability"]))
 
 
 @assistant_app.command("embed")

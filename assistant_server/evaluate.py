@@ -7,6 +7,7 @@ Reference rows:
   student_input    the simulated noisy student mask itself (what the assistant was given)
   litemedsam_box   LiteMedSAM as shipped, no training: per class, a box from the nearest template's label
   label_transfer   template label transfer alone (the matcher's prior, no decoder)
+  template_copy    plain label transfer: the label map of the most similar template, resized (nothing learned)
 Embeddings are computed once per slice and shared by every mode (and persisted with --embed-store).
 """
 
@@ -32,7 +33,7 @@ from assistant_server.preprocess import restore_size
 from assistant_server.simulated_student import simulate_student
 from shared.config import VessaSettings, save_resolved
 
-MODES = ("templates", "noisy_student", "student_input", "litemedsam_box", "label_transfer")
+MODES = ("templates", "noisy_student", "student_input", "litemedsam_box", "label_transfer", "template_copy")
 
 
 class EvalSettings(VessaSettings):
@@ -46,6 +47,20 @@ class EvalSettings(VessaSettings):
     seed: int = 0
     embed_store: Path | None = None
     modes: tuple[str, ...] = MODES
+    # InferenceOptions overrides (None: the checkpoint's own, as a replica would serve it)
+    refine_passes: int | None = None
+    volume_context: float | None = None
+    largest_component: str | None = None
+    num_templates: int | None = None
+    cpu_bf16: bool = False
+
+    def inference_overrides(self) -> dict:
+        return {
+            "refine_passes": self.refine_passes,
+            "volume_context": self.volume_context,
+            "largest_component": self.largest_component,
+            "num_templates": self.num_templates,
+        }
 
 
 def _bank_for(s: EvalSettings) -> Path:
@@ -96,7 +111,13 @@ def evaluate_assistant(s: EvalSettings) -> dict:
 
     bank_dir = _bank_for(s)
     assistant = Assistant.from_files(
-        s.ckpt, bank_dir, device=s.device, cache_store=s.embed_store, cache_device_entries=100_000
+        s.ckpt,
+        bank_dir,
+        device=s.device,
+        cache_store=s.embed_store,
+        cache_device_entries=100_000,
+        options=s.inference_overrides(),
+        cpu_bf16=s.cpu_bf16,
     )
     baselines = _Baselines(assistant)
     ds = open_dataset(s.data)
@@ -106,6 +127,7 @@ def evaluate_assistant(s: EvalSettings) -> dict:
         raise ValueError(f"{s.data} has no '{s.split}' volumes")
     gen = torch.Generator().manual_seed(s.seed)
     per_mode: dict[str, list[dict]] = {m: [] for m in s.modes}
+    conf: dict[str, list[dict]] = {m: [] for m in ("templates", "noisy_student") if m in s.modes}
     t0 = time.perf_counter()
     for cid in tqdm(ids, desc=f"eval {s.split}", unit="volume"):
         vol = ds.read_volume(cid, s.split)
@@ -116,16 +138,20 @@ def evaluate_assistant(s: EvalSettings) -> dict:
         lab256 = torch.stack([resize_label(vol.label[z]) for z in range(vol.label.shape[0])]).long()
         student = simulate_student(lab256, num_classes, gen).numpy()
         if "templates" in s.modes:
-            for z, o in enumerate(assistant.predict(slices)):
+            outs = assistant.predict_volume(slices)
+            for z, o in enumerate(outs):
                 preds["templates"][z] = o.label
+            conf["templates"].append(volume_confidence(outs, assistant.classes))
         if "noisy_student" in s.modes:
             prompted = [SliceInput(image=sl.image, student_probs=student[z]) for z, sl in enumerate(slices)]
-            for z, o in enumerate(assistant.predict(prompted)):
+            outs = assistant.predict_volume(prompted)
+            for z, o in enumerate(outs):
                 preds["noisy_student"][z] = o.label
+            conf["noisy_student"].append(volume_confidence(outs, assistant.classes))
         if "student_input" in s.modes:
             for z in range(len(slices)):
                 preds["student_input"][z] = _argmax_back(torch.as_tensor(student[z]), shape)
-        if "litemedsam_box" in s.modes or "label_transfer" in s.modes:
+        if {"litemedsam_box", "label_transfer", "template_copy"} & set(s.modes):
             _, embs, _ = assistant.embeddings(slices)
             emb = torch.stack(embs).to(assistant.device).float()
             idx_k = assistant._retrieve(global_descriptor(emb), assistant.bank_state())
@@ -137,10 +163,18 @@ def evaluate_assistant(s: EvalSettings) -> dict:
                 probs = baselines.label_transfer(emb, idx_k)
                 for z in range(len(slices)):
                     preds["label_transfer"][z] = _argmax_back(probs[z], shape)
+            if "template_copy" in s.modes:
+                nearest = assistant.bank.tensors()["label"][idx_k[:, 0].cpu()].long()  # (Z, 256, 256)
+                onehot = F.one_hot(nearest, num_classes).permute(0, 3, 1, 2).float()
+                for z in range(len(slices)):
+                    preds["template_copy"][z] = _argmax_back(onehot[z], shape)
         for m in s.modes:
             per_mode[m].append(evaluate_volume(preds[m], vol.label, assistant.classes, vol.spacing, case_id=cid))
+            if m in conf:
+                per_mode[m][-1]["confidence"] = conf[m][-1]
     summary = {m: summarise(per_mode[m]) for m in s.modes}
     table = comparison_table(summary)
+    ranking = {m: confidence_ranking(per_mode[m]) for m in conf}
     report = {
         "ckpt": s.ckpt,
         "bank": str(bank_dir),
@@ -150,7 +184,9 @@ def evaluate_assistant(s: EvalSettings) -> dict:
         "volumes": len(ids),
         "seconds": time.perf_counter() - t0,
         "assistant_stats": assistant.stats(),
+        "inference_options": assistant.options.to_dict(),
         "summary": summary,
+        "ranking": ranking,
         "per_volume": per_mode,
         "table": table,
     }
@@ -159,6 +195,39 @@ def evaluate_assistant(s: EvalSettings) -> dict:
         (Path(s.out) / "metrics.json").write_text(json.dumps(report, indent=1, default=float))
         save_resolved(s, s.out)
     return report
+
+
+def volume_confidence(outs: list, classes) -> dict:
+    """A volume's confidence from its slices' answers: per class, the mean predicted IoU over the slices
+    where the class was predicted (NaN where it never was); `mean` over the classes that were."""
+    per_class = {}
+    for c in classes:
+        if c.index == 0:
+            continue
+        vals = [float(o.confidence[c.index]) for o in outs if o.status == "ok" and (o.label == c.index).any()]
+        per_class[c.name] = float(np.mean(vals)) if vals else float("nan")
+    finite = [v for v in per_class.values() if np.isfinite(v)]
+    return {"classes": per_class, "mean": float(np.mean(finite)) if finite else float("nan")}
+
+
+def confidence_ranking(per_volume: list[dict]) -> dict:
+    """Spearman between each volume's confidence and its true mean Dice (and per class), and the
+    reliability table (equal-count confidence bins vs mean true Dice)."""
+    from shared.ranking import reliability_table, spearman
+
+    conf = [v["confidence"]["mean"] for v in per_volume]
+    dice = [float(np.mean([m["dice"] for m in v["classes"].values()])) * 100 for v in per_volume]
+    per_class = {}
+    for name in per_volume[0]["classes"] if per_volume else []:
+        per_class[name] = spearman(
+            [v["confidence"]["classes"][name] for v in per_volume],
+            [v["classes"][name]["dice"] for v in per_volume],
+        )
+    return {
+        "spearman": spearman(conf, dice),
+        "spearman_per_class": per_class,
+        "reliability": reliability_table(conf, dice, bins=4),
+    }
 
 
 def _argmax_back(probs: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:

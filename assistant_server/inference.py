@@ -28,7 +28,9 @@ import torch.nn.functional as F
 
 from assistant_server.bank import TemplateBank, global_descriptor
 from assistant_server.checkpoint import build_model, load_checkpoint
+from assistant_server.components import keep_largest, single_component_classes
 from assistant_server.embedding_cache import EmbeddingCache
+from assistant_server.inference_options import InferenceOptions
 from assistant_server.modeling.foundation import IMAGE_SIZE, module_state_hash
 from assistant_server.modeling.structured_prompts import (
     BOX_BOTTOM_RIGHT,
@@ -87,6 +89,7 @@ class _BankState:
     descriptors: torch.Tensor  # (N, 4096)
     text: torch.Tensor  # (C, 384)
     patients: list[str] = field(default_factory=list)
+    single_component: list[int] = field(default_factory=list)  # classes whose exemplars are one blob
 
 
 class Assistant:
@@ -101,6 +104,7 @@ class Assistant:
         encode_batch: int = 32,
         answer_cache_entries: int = 1024,
         cpu_bf16: bool = False,
+        options: InferenceOptions | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
@@ -112,7 +116,8 @@ class Assistant:
         self.cache = cache or EmbeddingCache(self.device)
         self.model_version = model_version
         self.encode_batch = encode_batch
-        self.num_templates = model.config.num_templates
+        self.options = options or InferenceOptions()
+        self.num_templates = self.options.num_templates or model.config.num_templates
         self.cpu_bf16 = cpu_bf16  # bf16 on the CPU too (assistant_server/precision.py)
         self._bank_state: _BankState | None = None
         self._lock = threading.Lock()
@@ -143,10 +148,13 @@ class Assistant:
         encode_batch: int = 32,
         answer_cache_entries: int = 1024,
         cpu_bf16: bool = False,
+        options: dict | None = None,
     ) -> Assistant:
         """ckpt: a checkpoint path; "pretrained" (LiteMedSAM weights, new parts untrained) or "random"
-        (random weights: for tests and benchmarks, where speed does not depend on weight values)."""
+        (random weights: for tests and benchmarks, where speed does not depend on weight values).
+        options: InferenceOptions fields overriding the checkpoint's own (`extra["inference"]`)."""
         bank = TemplateBank(bank_dir)
+        stored: dict = {}
         if ckpt in (None, "", "pretrained", "random"):
             model = build_model(VessaConfig(encoder=encoder), pretrained=(ckpt != "random"))
             classes, version = bank.classes, f"{encoder}-{ckpt or 'pretrained'}"
@@ -154,9 +162,13 @@ class Assistant:
             model, payload = load_checkpoint(ckpt)
             classes = payload["classes"]
             version = f"{Path(ckpt).name}@{payload['step']}:{payload['weight_hashes']['state'][:12]}"
+            stored = dict(payload["extra"].get("inference") or {})
+        opts = InferenceOptions.from_dict({**stored, **{k: v for k, v in (options or {}).items() if v is not None}})
         device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cache = EmbeddingCache(device_t, cache_device_entries, cache_host_entries, cache_store)
-        return cls(model, bank, classes, device_t, cache, version, encode_batch, answer_cache_entries, cpu_bf16)
+        return cls(
+            model, bank, classes, device_t, cache, version, encode_batch, answer_cache_entries, cpu_bf16, opts
+        )
 
     # ------------------------------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -192,6 +204,9 @@ class Assistant:
             descriptors=t["descriptor"].to(self.device),
             text=self.bank.text.to(self.device),
             patients=self.bank.patient_ids(),
+            single_component=single_component_classes(t["label"], list(range(1, num_classes)))
+            if len(t["label"])
+            else [],
         )
         self._bank_state = state
         return state
@@ -311,6 +326,7 @@ class Assistant:
             [i for i, e in enumerate(embs) if e is not None and outputs[i] is None and slices[i].student_probs is None],
             [i for i, e in enumerate(embs) if e is not None and slices[i].student_probs is not None],
         ]
+        lcc_ids = self._lcc_classes(state, ids)
         self._sync()
         t0 = time.perf_counter()
         for group in groups:
@@ -332,7 +348,7 @@ class Assistant:
             probs, conf = self._decode(emb, state, ids, student)
             for j, i in enumerate(group):
                 outputs[i] = self._finish(
-                    hashes[i], shapes[i], probs[j], conf[j], ids, num_classes, return_probs
+                    hashes[i], shapes[i], probs[j], conf[j], ids, num_classes, return_probs, lcc_ids
                 )
                 if remember and student is None:
                     self._remember((hashes[i], state.version, ids_key), outputs[i])
@@ -342,6 +358,100 @@ class Assistant:
             self._stats["slices"] += len(slices)
             self._stats["batches"] += 1
         return outputs  # type: ignore[return-value]
+
+    def predict_volume(
+        self,
+        slices: list[SliceInput],
+        class_ids: list[int] | None = None,
+        return_probs: bool = False,
+    ) -> list[SliceOutput]:
+        """Pseudo-label the slices of one volume, in order (z = 0 … D-1), as one piece.
+
+        As `predict`, plus what a volume allows: each refinement pass prompts slice z with its own last
+        answer blended with those of z-1 and z+1 (`options.volume_context`), and the component cleaning
+        runs in 3D. Slices with a student prompt keep it and are not refined. A slice whose hash the cache
+        does not know comes back as a miss, and the volume is answered without it.
+        """
+        ids = self._check_class_ids(class_ids)
+        state = self.bank_state()
+        if len(state.keys) == 0:
+            raise AssistantInputError("the template bank is empty: add templates first")
+        if not slices:
+            return []
+        num_classes = len(self.classes)
+        for i, s in enumerate(slices):
+            if s.student_probs is not None and (
+                s.student_probs.ndim != 3 or s.student_probs.shape[0] != num_classes
+            ):
+                raise AssistantInputError(
+                    f"slice {i}: student probabilities must have shape (C={num_classes}, H, W), got {tuple(s.student_probs.shape)}"
+                )
+        hashes, embs, shapes = self.embeddings(slices)
+        outputs: list[SliceOutput | None] = [
+            SliceOutput(status="miss", slice_hash=h) if e is None else None for h, e in zip(hashes, embs)
+        ]
+        present = [i for i, e in enumerate(embs) if e is not None]
+        with self._lock:
+            self._stats["misses"] += len(slices) - len(present)
+        if not present:
+            return outputs  # type: ignore[return-value]
+        student = [
+            None
+            if slices[i].student_probs is None
+            else resize_probs(torch.as_tensor(np.asarray(slices[i].student_probs, np.float32))[None].to(self.device))[0]
+            for i in present
+        ]
+        self._sync()
+        t0 = time.perf_counter()
+        emb = torch.stack([embs[i] for i in present])
+        probs, conf = self._volume_pass(emb, state, ids, student)
+        refine = [j for j, st in enumerate(student) if st is None]
+        w = float(self.options.volume_context)
+        for _ in range(self.options.refine_passes if refine else 0):
+            prompt = self._as_prompt(probs, ids)
+            if w > 0 and len(present) > 1:
+                prev = torch.cat([prompt[:1], prompt[:-1]])
+                nxt = torch.cat([prompt[1:], prompt[-1:]])
+                prompt = (1 - 2 * w) * prompt + w * prev + w * nxt
+            new_probs, new_conf = self._volume_pass(emb, state, ids, [prompt[j] for j in range(len(present))])
+            probs[refine], conf[refine] = new_probs[refine], new_conf[refine]
+        finished = [
+            self._finish(hashes[i], shapes[i], probs[j], conf[j], ids, num_classes, return_probs)
+            for j, i in enumerate(present)
+        ]
+        lcc_ids = self._lcc_classes(state, ids)
+        same_size = len({o.label.shape for o in finished}) == 1
+        if lcc_ids and same_size:
+            volume = keep_largest(np.stack([o.label for o in finished]), lcc_ids)
+            for o, lab in zip(finished, volume):
+                o.label = lab
+        elif lcc_ids:
+            for o in finished:
+                o.label = keep_largest(o.label, lcc_ids)
+        for j, i in enumerate(present):
+            outputs[i] = finished[j]
+        self._sync()
+        with self._lock:
+            self._stats["decoder_s"] += time.perf_counter() - t0
+            self._stats["slices"] += len(slices)
+            self._stats["batches"] += 1
+        return outputs  # type: ignore[return-value]
+
+    def _volume_pass(
+        self, emb: torch.Tensor, state: _BankState, ids: list[int], student: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder pass over a volume's slices, in chunks, each slice with its own prompt or none.
+        Returns probs (Z, 1+M, 256, 256) and confidence (Z, M)."""
+        probs = torch.empty(len(emb), 1 + len(ids), IMAGE_SIZE, IMAGE_SIZE, device=self.device)
+        conf = torch.empty(len(emb), len(ids), device=self.device)
+        for prompted in (False, True):
+            group = [j for j, st in enumerate(student) if (st is not None) == prompted]
+            for start in range(0, len(group), self.encode_batch):
+                chunk = group[start : start + self.encode_batch]
+                st = torch.stack([student[j] for j in chunk]) if prompted else None
+                p, c = self._pass(emb[chunk], state, ids, st)
+                probs[chunk], conf[chunk] = p, c
+        return probs, conf
 
     def _remember(self, key: tuple, out: SliceOutput) -> None:
         with self._lock:
@@ -367,9 +477,34 @@ class Assistant:
     def _decode(
         self, emb: torch.Tensor, state: _BankState, ids: list[int], student: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """emb: (B, 256, 64, 64) → probs (B, 1+M, 256, 256) over background + ids, confidence (B, M)."""
+        """emb: (B, 256, 64, 64) → probs (B, 1+M, 256, 256) over background + ids, confidence (B, M).
+        Templates-only slices get `options.refine_passes` more passes, each prompted by the last."""
+        probs, conf = self._pass(emb, state, ids, student)
+        if student is None:
+            for _ in range(self.options.refine_passes):
+                probs, conf = self._pass(emb, state, ids, self._as_prompt(probs, ids))
+        return probs, conf
+
+    def _pass(
+        self, emb: torch.Tensor, state: _BankState, ids: list[int], student: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = self._forward(emb, state, ids, student_probs=student)
         return combine_classes(out.logits.float()), out.confidence.float()
+
+    def _as_prompt(self, probs: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """probs (B, 1+M, H, W) over background + ids → a student-style map over all C classes (classes
+        not asked for get 0, so they neither prompt nor count as "other" classes)."""
+        full = probs.new_zeros(probs.shape[0], len(self.classes), *probs.shape[2:])
+        full[:, [0, *ids]] = probs
+        return full
+
+    def _lcc_classes(self, state: _BankState, ids: list[int]) -> list[int]:
+        mode = self.options.largest_component
+        if mode == "on":
+            return list(ids)
+        if mode == "auto":
+            return [c for c in ids if c in state.single_component]
+        return []
 
     def _retrieve(self, descriptors: torch.Tensor, state: _BankState) -> torch.Tensor:
         sim = descriptors.float() @ state.descriptors.float().T
@@ -388,12 +523,16 @@ class Assistant:
         ids: list[int],
         num_classes: int,
         return_probs: bool,
+        lcc: list[int] | None = None,
     ) -> SliceOutput:
-        """probs: (1+M, 256, 256) → the slice's label map at its own size, confidence per class."""
+        """probs: (1+M, 256, 256) → the slice's label map at its own size, confidence per class;
+        `lcc`: classes cut to their largest connected component."""
         full = restore_size(probs, shape)  # (1+M, H, W)
         arg = full.argmax(dim=0)
         lut = torch.tensor([0, *ids], device=arg.device, dtype=torch.uint8)
         label = lut[arg].cpu().numpy()
+        if lcc:
+            label = keep_largest(label, lcc)
         confidence = np.full(num_classes, math.nan, dtype=np.float32)
         bg = arg == 0
         confidence[0] = float(full[0][bg].mean()) if bool(bg.any()) else 0.0

@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from assistant_server.bank import TemplateBank
 from assistant_server.checkpoint import build_model, read_checkpoint, save_checkpoint
+from assistant_server.inference_options import InferenceOptions
 from assistant_server.modeling.foundation import module_state_hash
-from assistant_server.modeling.vessa import PromptDropout, VessaConfig, VessaModel
+from assistant_server.modeling.vessa import PromptDropout, VessaConfig, VessaModel, combine_classes
 from assistant_server.precision import autocast
 from assistant_server.simulated_student import simulate_student
 from shared.config import VessaSettings, save_resolved, settings_dict
@@ -41,6 +42,15 @@ class Stage1Settings(VessaSettings):
     warmup_steps: int = 50
     num_templates: int = 4
     p_student: float = 0.5
+    # Episodes whose dense prompt is the model's own templates-only answer (no gradient through it): the
+    # assistant learns to correct its own mistakes, which is what refinement passes ask of it at inference.
+    p_self: float = 0.0
+    # Augmented views of the bank (assistant_server/augmented_views.py): V views encoded once and cached
+    # by content in `augment_store` (default <bank>/augmented); a step draws its episodes from one view,
+    # a view other than the original with probability p_augment.
+    augment_views: int = Field(0, ge=0, le=16)
+    p_augment: float = 0.5
+    augment_store: Path | None = None
     drop_box: float = 0.2
     drop_points: float = 0.3
     drop_mask: float = 0.2
@@ -59,6 +69,8 @@ class Stage1Settings(VessaSettings):
     resume: bool = False
     threads: int | None = None
     cpu_bf16: bool = False  # bf16 autocast on the CPU (about 2x faster where the CPU has AVX512-BF16/AMX)
+    # How the checkpoint is to be served (assistant_server/inference_options.py), stored in it
+    inference: dict = Field(default_factory=dict)
 
 
 def _loss(
@@ -98,6 +110,9 @@ def _candidates(descriptors: torch.Tensor, patients: list[str], k: int) -> torch
 
 def train_stage1(s: Stage1Settings) -> Path:
     """Run (or resume) Stage-1 training; returns the final checkpoint path."""
+    InferenceOptions.from_dict(s.inference)  # a bad inference section fails now, not after training
+    if s.p_student + s.p_self > 1:
+        raise ValueError(f"p_student + p_self must be at most 1, got {s.p_student} + {s.p_self}")
     if s.threads:
         torch.set_num_threads(s.threads)
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -152,6 +167,22 @@ def train_stage1(s: Stage1Settings) -> Path:
     labels_all = t["label"].to(device).long()
     text = bank.text.to(device)
     cands = _candidates(t["descriptor"].float(), bank.patient_ids(), s.num_templates).to(device)
+    views_emb, views_lab = None, None
+    if s.augment_views:
+        from assistant_server.augmented_views import build_views
+
+        views_emb, views_lab, counts = build_views(
+            model,
+            t["image"],
+            t["label"],
+            s.augment_views,
+            s.augment_store or Path(s.bank) / "augmented",
+            device,
+            seed=s.seed,
+            cpu_bf16=s.cpu_bf16,
+        )
+        print(f"augmented views: {s.augment_views} x {len(bank)} exemplars, {counts['encoded']} encoded, {counts['reused']} from the store")
+        views_emb, views_lab = views_emb.to(device), views_lab.to(device).long()
     has_fg = (labels_all.flatten(1) > 0).any(1)
     fg_idx = torch.nonzero(has_fg).flatten()
     dropout = PromptDropout(s.drop_box, s.drop_points, s.drop_mask, s.drop_text)
@@ -185,18 +216,28 @@ def train_stage1(s: Stage1Settings) -> Path:
             [torch.randperm(cands.shape[1], generator=g)[: s.num_templates] for _ in range(s.batch_size)]
         )
         ti = torch.gather(cands[qi], 1, pick.to(device) % cands.shape[1])  # (B, K)
-        labels = labels_all[qi]
+        # One view per step: the query and its templates are transformed alike.
+        emb_src, lab_src = emb_all, labels_all
+        if views_emb is not None and float(torch.rand((), generator=g)) < s.p_augment:
+            v = int(torch.randint(len(views_emb), (), generator=g))
+            emb_src, lab_src = views_emb[v], views_lab[v]
+        labels = lab_src[qi]
         with amp:
-            tk = model.template_keys(emb_all[ti.flatten()].float())
+            tk = model.template_keys(emb_src[ti.flatten()].float())
             tk = tk.reshape(s.batch_size, s.num_templates, *tk.shape[1:])
-            onehot = F.one_hot(labels_all[ti.flatten()], num_classes).permute(0, 3, 1, 2).float()
+            onehot = F.one_hot(lab_src[ti.flatten()], num_classes).permute(0, 3, 1, 2).float()
             tl = model.matcher.label_grid(onehot).reshape(
                 s.batch_size, s.num_templates, num_classes, *tk.shape[-2:]
             )
             student = None
-            if float(torch.rand((), generator=g)) < s.p_student:
+            r = float(torch.rand((), generator=g))
+            if r < s.p_student:
                 student = simulate_student(labels, num_classes, g)
-            outp = model(emb_all[qi].float(), tk, tl, text, class_ids, student_probs=student, dropout=dropout)
+            elif r < s.p_student + s.p_self:
+                with torch.no_grad():
+                    first = model(emb_src[qi].float(), tk, tl, text, class_ids)
+                    student = combine_classes(first.logits.float())  # (B, C, H, W): every class asked
+            outp = model(emb_src[qi].float(), tk, tl, text, class_ids, student_probs=student, dropout=dropout)
             losses = _loss(outp.logits, outp.iou, labels, s)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -230,4 +271,5 @@ def _save(
         step,
         pretrained_encoder=pretrained,
         optimizer_state=opt.state_dict() if opt is not None else None,
+        extra={"inference": InferenceOptions.from_dict(s.inference).to_dict()},
     )

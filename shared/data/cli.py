@@ -193,3 +193,21 @@ def prepare(
         f"{sum(len(v['cases']) for v in index['volumes'].values())} volumes to {settings.out}: "
         f"{cache_size_bytes(index) / 1e6:.1f} MB ({parts}) in {index['seconds']:.1f} s"
     )
+
+
+@data_app.command("holdout")
+def holdout(
+    source: Path = typer.Argument(..., help="Dataset whose training cases are split into slices (SSL4MIS)."),
+    out: Path = typer.Argument(..., help="Directory to write (SSL4MIS layout, volumes + test.list)."),
+    patients: int = typer.Option(10, min=1, help="Take the last K patients of the protocol order."),
+    protect: int = typer.Option(7, min=0, help="Never take the first P patients (the labeled sets)."),
+) -> None:
+    """A second evaluation set: the last K patients' frames as volumes (`--split test`), so a recipe
+    chosen on the validation volumes is also scored on volumes no choice was made on."""
+    from shared.data.holdout import write_holdout
+
+    try:
+        cases = write_holdout(source, out, patients=patients, protect=protect)
+    except (ValueError, OSError, KeyError) as exc:
+        _fail(exc)
+    typer.echo(f"{len(cases)} volumes in {out} (split 'test'): {', '.join(cases[:4])}{' …' if len(cases) > 4 else ''}")

@@ -1,0 +1,61 @@
+"""How the assistant turns its model into a label map: refinement passes, volume context, component cleaning.
+
+These are inference-time choices, not weights: the Stage-1 recipe that trained a checkpoint stores the
+ones it was validated with (checkpoint `extra["inference"]`), every replica and `vessa assistant eval`
+starts from them, and a caller may override them. None of them names a dataset or a class: what a
+class's shape allows is read off the template bank (`largest_component="auto"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+LCC_MODES = ("off", "auto", "on")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """refine_passes: decoder passes after the first that take the previous pass's probabilities as the
+    dense (student) prompt, for slices that came without a student prompt: the assistant corrects its
+    own templates-only answer as Stage-1 taught it to correct a noisy student. Decoder only: the
+    slice's embedding is reused.
+
+    volume_context: in a volume (`Assistant.predict_volume`), the weight of each neighbouring slice
+    (z-1, z+1) in the refinement prompt of slice z (the slice itself keeps 1 - 2·w); 0 prompts each
+    slice with its own previous answer only.
+
+    largest_component: keep only the largest connected component of a class (per slice; per volume, in
+    3D, for `predict_volume`). "auto" does so for the classes whose exemplars in the template bank are
+    single components (`single_component_classes`), "on" for every class, "off" never.
+
+    num_templates: templates retrieved per query (None: the number the model was trained with).
+    """
+
+    refine_passes: int = 0
+    volume_context: float = 0.0
+    largest_component: str = "off"
+    num_templates: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.refine_passes) <= 4:
+            raise ValueError(f"refine_passes must be 0-4, got {self.refine_passes}")
+        if not 0.0 <= float(self.volume_context) <= 1 / 3:
+            raise ValueError(f"volume_context must be in [0, 1/3], got {self.volume_context}")
+        if self.largest_component not in LCC_MODES:
+            raise ValueError(f"largest_component must be one of {LCC_MODES}, got {self.largest_component!r}")
+        if self.num_templates is not None and not 1 <= int(self.num_templates) <= 32:
+            raise ValueError(f"num_templates must be 1-32, got {self.num_templates}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> InferenceOptions:
+        """Known keys only (a checkpoint written by a newer version may carry more)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+    def replace(self, **changes) -> InferenceOptions:
+        return InferenceOptions.from_dict(
+            {**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
+        )

@@ -1,0 +1,82 @@
+"""`vessa assistant recipe`: the assistant from a dataset in one command — template bank, then Stage-1.
+
+    OUT/bank/               the template bank of the first `labeled` patients (vessa bank build)
+    OUT/assistant.pt        the Stage-1 checkpoint, with the inference options it is served with
+    OUT/recipe.resolved.yaml
+                            this recipe as resolved (flags, env, YAML), beside Stage-1's own config
+
+A rerun reuses a bank already at OUT/bank when it was built from the same data, labeled count and
+encoder, and resumes Stage-1 from its latest checkpoint. The recipe names no dataset's classes or sizes:
+the class table comes from the dataset, and every choice that depends on a class's shape is read off
+the bank (assistant_server/components.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from shared.config import VessaSettings, save_resolved
+
+
+class RecipeSettings(VessaSettings):
+    """`vessa assistant recipe` settings: YAML keys (configs/assistant/*.yaml), `VESSA_` env, flags."""
+
+    data: Path = Field(description="dataset directory (SSL4MIS HDF5, MSD NIfTI or prepared cache)")
+    labeled: int = Field(ge=1, description="labeled patients: the first N of the protocol order")
+    out: Path = Field(description="recipe directory: bank/, assistant.pt and their configs")
+    encoder: str = "litemedsam"
+    device: str | None = None
+    bank_batch_size: int = Field(8, ge=1)
+    bank_cpu_bf16: bool = False  # the bank's embeddings in bf16 on the CPU (queries are fp32 by default)
+    train: dict[str, Any] = Field(default_factory=dict, description="Stage1Settings keys (steps, p_self, …)")
+
+
+def _bank_stamp(s: RecipeSettings) -> dict:
+    return {"data": str(Path(s.data).resolve()), "labeled": s.labeled, "encoder": s.encoder}
+
+
+def run_recipe(s: RecipeSettings) -> Path:
+    """Build (or reuse) the bank and train (or resume) Stage-1; returns the checkpoint path."""
+    from assistant_server.bank_builder import build_bank
+    from assistant_server.stage1 import Stage1Settings, train_stage1
+
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(s, out, name="recipe.resolved.yaml")
+    # Stage-1's settings are validated before the (slow) bank build, so a typo fails at once.
+    reserved = {"bank", "out", "encoder"} & set(s.train)
+    if reserved:
+        raise ValueError(f"train: {sorted(reserved)} are set by the recipe itself; remove them")
+    stage1 = Stage1Settings(
+        bank=out / "bank",
+        out=out / "assistant.pt",
+        encoder=s.encoder,
+        **({"device": s.device} if s.device else {}),
+        **{"resume": True, **s.train},
+    )
+    bank_dir = out / "bank"
+    stamp_path = out / "bank.stamp.json"
+    stamp = _bank_stamp(s)
+    if (bank_dir / "manifest.json").is_file():
+        if not stamp_path.is_file() or json.loads(stamp_path.read_text()) != stamp:
+            raise ValueError(
+                f"{bank_dir} exists but was not built by this recipe's data/labeled/encoder ({stamp}): "
+                "remove it or choose another --out"
+            )
+        print(f"bank: reusing {bank_dir}")
+    else:
+        build_bank(
+            s.data,
+            s.labeled,
+            bank_dir,
+            encoder=s.encoder,
+            device=s.device,
+            batch_size=s.bank_batch_size,
+            cpu_bf16=s.bank_cpu_bf16,
+        )
+        stamp_path.write_text(json.dumps(stamp))
+    return train_stage1(stage1)
