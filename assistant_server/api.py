@@ -7,6 +7,7 @@ Routes (OpenAPI at /docs):
   POST   /v1/templates          add a labeled exemplar (image + label + class table)
   DELETE /v1/templates/{id}     remove an exemplar
   GET    /v1/info               model, bank version, classes, device, replica, counters
+  POST/GET/DELETE /v1/jobs…     labeling jobs over a dataset under data_root (assistant_server/routes/jobs.py)
   GET    /healthz, /readyz      liveness; readiness (a warmed-up replica answered)
   GET    /metrics               Prometheus text format
 
@@ -34,6 +35,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from assistant_server.routes import jobs as jobs_routes
 from assistant_server.volume_io import UploadedVolume, VolumeError, read_upload, write_like
 from shared.config import VessaSettings
 from shared.protocol import AssistReply, Limits, encode_call, probabilities
@@ -51,6 +53,9 @@ class ApiSettings(VessaSettings):
     redis_url: str | None = None  # when set, /metrics reports the request stream's depth
     request_stream: str = "vessa:requests"
     limits: Limits = Limits()
+    data_root: str | None = None  # labeling jobs read datasets only under this directory (None: jobs off)
+    job_output_root: str | None = None  # where jobs write (default <data_root>/vessa-labels)
+    job_runner: str = "services.labeling.job_actor:launch"  # starts a job's runner actor
 
 
 # ---------------------------------------------------------------------------------------------- ASGI guards
@@ -231,6 +236,7 @@ app = FastAPI(
     redirect_slashes=False,
 )
 app.add_middleware(GuardMiddleware)
+app.include_router(jobs_routes.router)
 
 registry = CollectorRegistry()
 m_requests = Counter("vessa_http_requests_total", "HTTP requests", ["route", "status"], registry=registry)
@@ -287,6 +293,8 @@ KNOWN_ROUTES = {
     "/healthz",
     "/readyz",
     "/metrics",
+    "/v1/jobs",
+    "/v1/jobs/{id}",
 }
 
 
@@ -300,6 +308,8 @@ async def observe(request: Request, call_next):
     )
     if route.startswith("/v1/templates/"):
         route = "/v1/templates/{id}"
+    if route.startswith("/v1/jobs/"):
+        route = "/v1/jobs/{id}"
     if route not in KNOWN_ROUTES:  # a label per unknown path would let any client grow memory without end
         route = "other"
     response = await call_next(request)
@@ -349,6 +359,7 @@ async def pseudo_labels(
         probs=prob_slices,
         class_ids=ids,
         return_probs=return_probs and upload.kind == "npy",
+        volume=upload.kind != "npy",  # a NIfTI volume is one piece; a .npy batch is independent slices
     )
     reply_meta, reply_blobs = await call("assist", meta.model_dump_json(), blobs)
     reply = AssistReply.model_validate_json(reply_meta)
@@ -629,3 +640,4 @@ class VessaIngress:
         from assistant_server import api
 
         api.RUNTIME.configure(assistant, api.ApiSettings(**(settings or {})))
+        api.jobs_routes.configure(**api.RUNTIME.settings.model_dump())

@@ -4,6 +4,8 @@
     result = client.pseudo_labels("case.nii.gz")          # NIfTI in → result.nifti (bytes), result.labels
     result = client.pseudo_labels(slices_bhw)              # numpy (B, H, W) → result.labels (B, H, W)
     mask, conf = client.segment(image_hw, "LV", box=[x0, y0, x1, y1])
+    job = client.label_dataset("study")                     # a labeling job (docs/jobs.md) → job id
+    client.wait_job(job["job_id"]); client.job_ranking(job["job_id"])
 
 Errors come back as `AssistantAPIError` with the HTTP status and the server's message.
 """
@@ -73,6 +75,15 @@ def _check(r: httpx.Response) -> httpx.Response:
             detail = r.text
         raise AssistantAPIError(r.status_code, str(detail))
     return r
+
+
+def _job_request(data: str, cases, selection, classes, **options) -> dict:
+    body = {"data": str(data), "selection": selection, **{k: v for k, v in options.items() if v is not None}}
+    if cases is not None:
+        body["cases"] = list(cases)
+    if classes is not None:
+        body["classes"] = [int(c) for c in classes]
+    return body
 
 
 def _pl_request(image, probs, classes, axis, return_probs) -> tuple[dict, dict]:
@@ -166,6 +177,40 @@ class AssistantClient:
 
     def ready(self) -> bool:
         return self.http.get("/readyz").status_code == 200
+
+    # -- labeling jobs (docs/jobs.md) ----------------------------------------------------------------
+    def label_dataset(
+        self, data: str, cases=None, selection: str = "unlabeled", classes=None, **options
+    ) -> dict:
+        """Start a job over the dataset `data` (relative to the service's data root) → {job_id, state,
+        data, out}. options: batch_slices, max_in_flight, cases_in_flight."""
+        body = _job_request(data, cases, selection, classes, **options)
+        return _check(self.http.post("/v1/jobs", json=body)).json()
+
+    def job(self, job_id: str) -> dict:
+        return _check(self.http.get(f"/v1/jobs/{job_id}")).json()
+
+    def jobs(self, limit: int = 100) -> list[dict]:
+        return _check(self.http.get("/v1/jobs", params={"limit": limit})).json()["jobs"]
+
+    def cancel_job(self, job_id: str) -> dict:
+        return _check(self.http.delete(f"/v1/jobs/{job_id}")).json()
+
+    def job_ranking(self, job_id: str) -> dict:
+        return _check(self.http.get(f"/v1/jobs/{job_id}/ranking")).json()
+
+    def wait_job(self, job_id: str, timeout: float = 3600.0, poll_s: float = 1.0) -> dict:
+        """Poll until the job is done, failed or cancelled; TimeoutError after `timeout` seconds."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["state"] in ("done", "failed", "cancelled"):
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
+            time.sleep(poll_s)
 
     def close(self) -> None:
         self.http.close()

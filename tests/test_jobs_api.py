@@ -1,0 +1,162 @@
+"""The job API end to end: real HTTP to a real Serve ingress (its own app on the session's Ray, with a
+data root and the Redis path), a real runner actor placed by Ray, a real dispatcher and redis-server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from assistant_server.client import AssistantAPIError, AssistantClient
+from services.labeling.outputs import read_records
+from tests.conftest import SERVE_TEST_ARGS, SMALL, _wait_ready, copy_bank, start_dispatcher
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+N_CASES = 6
+
+
+def _write_cases(synth_dir: Path, dst: Path, flip_axis: int | None = None, slices: int = 4) -> Path:
+    """The synthetic cases as a folder of NIfTI files, cut to `slices` slices (optionally flipped: new
+    slices the replica has not embedded, so a job takes long enough to be cancelled or killed)."""
+    dst.mkdir(parents=True)
+    for path in sorted((synth_dir / "imagesTr").glob("*.nii.gz"))[:N_CASES]:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)[:, :, :slices]
+        if flip_axis is not None:
+            data = np.flip(data, flip_axis)
+        nib.save(nib.Nifti1Image(data.copy(), img.affine, img.header), dst / path.name.replace("_0000", ""))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def jobs_service(serve_app, tiny_bank, tmp_path_factory, synth_dir):
+    """An ingress with jobs on (data root, output root, Redis) at /jobsapp, a Redis and a dispatcher."""
+    from ray import serve
+
+    from assistant_server.app import build_app
+    from services.redis_server import EmbeddedRedis
+
+    base = tmp_path_factory.mktemp("jobs")
+    root, out_root = base / "data", base / "labels"
+    root.mkdir()
+    redis_server = EmbeddedRedis(base / "redis").start()
+    bank = copy_bank(tiny_bank, base / "bank")
+    args = {**SERVE_TEST_ARGS, "bank": str(bank), "redis_url": redis_server.url, "data_root": str(root), "job_output_root": str(out_root)}
+    serve.run(build_app(args, {"VessaAssistant": dict(SMALL), "VessaIngress": dict(SMALL)}), name="vessa_jobs", route_prefix="/jobsapp")
+    url = serve_app.url + "/jobsapp"
+    _wait_ready(url)
+    disp = start_dispatcher(redis_server.url, serve_app.gcs_address, base / "d.log")
+    yield {"url": url, "root": root, "out": out_root, "redis": redis_server.url}
+    disp.terminate()
+    disp.wait(30)
+    serve.delete("vessa_jobs")
+    redis_server.stop()
+
+
+def _wait_final(client: AssistantClient, job_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.job(job_id)
+        if job["state"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not end: {job}")
+
+
+def test_job_over_rest_labels_reports_and_ranks(jobs_service, synth_dir):
+    root = jobs_service["root"]
+    ds = _write_cases(synth_dir, root / "study")
+    good = ds / sorted(os.listdir(ds))[0]
+    (ds / "corrupt.nii.gz").write_bytes(good.read_bytes()[:300])
+    client = AssistantClient(jobs_service["url"])
+    created = client.label_dataset("study", selection="all", batch_slices=4)
+    assert created["state"] == "queued" and created["out"].startswith(str(jobs_service["out"]))
+    job = _wait_final(client, created["job_id"])
+    assert job["state"] == "done", job
+    assert job["counts"] == {"cases": N_CASES + 1, "labeled": N_CASES, "skipped": 0, "failed": 1}
+    assert "corrupt" in job["errors"] and job["slices_per_s"] > 0 and job["finished"] >= job["started"]
+    out = Path(created["out"])
+    for src in sorted(ds.glob("synth*.nii.gz")):
+        lab = nib.load(out / "labels" / src.name)
+        assert np.allclose(lab.affine, nib.load(src).affine) and lab.get_data_dtype() == np.uint8
+    ranking = client.job_ranking(created["job_id"])["ranking"]
+    assert len(ranking) == N_CASES
+    confs = [r["confidence"] for r in ranking]
+    assert confs == sorted(confs) and [r["rank"] for r in ranking] == list(range(1, N_CASES + 1))
+    assert created["job_id"] in [j["job_id"] for j in client.jobs()]
+
+
+def test_dataset_paths_outside_the_data_root_are_refused(jobs_service, tmp_path):
+    root = jobs_service["root"]
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    client = AssistantClient(jobs_service["url"])
+    for path in ("../", "..", "study/../../", str(outside), "/etc", "escape", "escape/."):
+        with pytest.raises(AssistantAPIError) as err:
+            client.label_dataset(path)
+        assert err.value.status == 400, (path, err.value)
+        assert "data root" in err.value.detail
+    with pytest.raises(AssistantAPIError) as err:
+        client.label_dataset("no-such-study")
+    assert err.value.status == 404
+    r = httpx.post(jobs_service["url"] + "/v1/jobs", json={"data": "study", "unknown": 1}, timeout=10)
+    assert r.status_code == 422
+    for bad in ("zzzz", "0123456789ab", "../../etc"):
+        assert httpx.get(jobs_service["url"] + f"/v1/jobs/{bad}", timeout=10).status_code == 404
+
+
+def test_cancel_stops_the_job_and_keeps_finished_outputs(jobs_service, synth_dir):
+    _write_cases(synth_dir, jobs_service["root"] / "to-cancel", flip_axis=0)
+    client = AssistantClient(jobs_service["url"])
+    job_id = client.label_dataset("to-cancel", cases_in_flight=1, batch_slices=1, max_in_flight=1)["job_id"]
+    deadline = time.monotonic() + 240
+    while client.job(job_id)["counts"]["labeled"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    client.cancel_job(job_id)
+    job = _wait_final(client, job_id)
+    assert job["state"] == "cancelled"
+    out = Path(jobs_service["out"]) / job_id
+    recs = read_records(out)
+    assert 1 <= job["counts"]["labeled"] == len(recs) < N_CASES
+    for case in recs:
+        nib.load(out / "labels" / f"{case}.nii.gz").get_fdata()
+    assert not list(out.rglob("*.tmp"))
+    assert client.job_ranking(job_id)["state"] == "cancelled"
+
+
+def test_runner_actor_killed_is_restarted_and_finishes_without_relabeling(jobs_service, synth_dir):
+    """SIGKILL the runner actor's process mid-job: Ray restarts the actor, which resumes from the
+    records on disk; the cases finished before the kill keep their first record."""
+    import ray
+
+    from services.labeling.job_actor import NAMESPACE, actor_name
+
+    _write_cases(synth_dir, jobs_service["root"] / "to-kill", flip_axis=1)
+    client = AssistantClient(jobs_service["url"])
+    job_id = client.label_dataset("to-kill", cases_in_flight=1, batch_slices=1, max_in_flight=1)["job_id"]
+    out = Path(jobs_service["out"]) / job_id
+    deadline = time.monotonic() + 240
+    while len(read_records(out)) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    actor = ray.get_actor(actor_name(job_id), namespace=NAMESPACE)
+    os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
+    before = read_records(out)
+    job = _wait_final(client, job_id)
+    assert job["state"] == "done" and job["runs"] == 2, job
+    after = read_records(out)
+    assert len(after) == N_CASES and all(r.status == "ok" for r in after.values())
+    for case, rec in before.items():
+        assert after[case].run_id == rec.run_id and after[case].finished_at == rec.finished_at
+    assert not list(out.rglob("*.tmp"))
+    shutil.rmtree(out)
