@@ -123,5 +123,53 @@ def _run(job, redis_url: str, show_progress: bool):
     return summary
 
 
+@label_app.command("rank")
+def rank_cmd(
+    out: Path = typer.Argument(..., help="a labeling output directory (vessa label --out)"),
+    suggest: int = typer.Option(0, "--suggest", min=0, help="pick K cases to label next (low confidence and diverse)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Cases from least to most trusted; with --suggest K, the K an expert should label next."""
+    import json
+
+    from services.labeling.outputs import read_records
+    from services.labeling.ranking import ranking
+    from services.labeling.ranking import suggest as suggest_cases
+
+    if not (out / "records").is_dir():
+        raise typer.BadParameter(f"no labeling output at {out} (records/ missing)", param_hint="OUT")
+    records = read_records(out)
+    rows = suggest_cases(records, out, suggest) if suggest else ranking(records)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    names = sorted({n for r in rows for n in r["classes"]})
+    head = f"{'pick' if suggest else 'rank':>4}  {'case':<28} {'conf':>6}  " + " ".join(f"{n[:8]:>8}" for n in names) + "  worst class"
+    typer.echo(head)
+    typer.echo("-" * len(head))
+    for r in rows:
+        per = " ".join(f"{r['classes'][n]:8.3f}" if r["classes"].get(n) is not None else f"{'-':>8}" for n in names)
+        typer.echo(f"{r.get('pick', r['rank']):>4}  {r['case_id'][:28]:<28} {r['confidence'] or 0:6.3f}  {per}  {r['worst_class'] or '-'}")
+    failed = sum(rec.status != "ok" for rec in records.values())
+    if failed:
+        typer.echo(f"({failed} failed cases are not ranked; see labels.json)")
+
+
+@label_app.command("score")
+def score_cmd(
+    out: Path = typer.Argument(..., help="a labeling output directory (vessa label --out)"),
+    truth: Path = typer.Option(..., "--truth", help="ground truth: a dataset (MSD labelsTr/, SSL4MIS volumes/) or a folder of <case>.nii.gz"),
+):
+    """Written labels against ground truth: per-case and per-class Dice and HD95, and the Spearman
+    correlation between case confidence and true Dice (written to OUT/score.json)."""
+    from services.labeling.scoring import score, score_table
+
+    if not (out / "records").is_dir():
+        raise typer.BadParameter(f"no labeling output at {out} (records/ missing)", param_hint="OUT")
+    if not truth.is_dir():
+        raise typer.BadParameter(f"ground-truth directory not found: {truth}", param_hint="--truth")
+    typer.echo(score_table(score(out, truth)))
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(label_app, name="label")

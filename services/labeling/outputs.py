@@ -31,6 +31,7 @@ _SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
 class ClassStats(BaseModel):
     """Confidence of one class over the slices where it was found, and its volume."""
 
+    index: int = 0  # the class's value in the label map
     confidence_mean: float | None = None
     confidence_worst: float | None = None  # the least confident slice holding the class
     worst_slice: int | None = None

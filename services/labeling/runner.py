@@ -94,7 +94,7 @@ def class_stats(labels: np.ndarray, conf: np.ndarray, class_ids: list[int], spac
         mask = labels == k
         present = mask.any(axis=(1, 2))
         voxels = int(mask.sum())
-        s = ClassStats(voxels=voxels, volume_ml=None if voxel_ml is None else round(voxels * voxel_ml, 3))
+        s = ClassStats(index=k, voxels=voxels, volume_ml=None if voxel_ml is None else round(voxels * voxel_ml, 3))
         if present.any() and k < conf.shape[1]:
             vals = conf[present, k].astype(np.float64)
             vals = np.where(np.isfinite(vals), vals, 0.0)
