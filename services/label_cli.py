@@ -1,9 +1,13 @@
 """`vessa label`: pseudo-label a whole dataset through the Redis request stream (docs/jobs.md).
 
     vessa label --data DIR --out DIR [--redis URL | --ckpt CKPT --bank BANK]
+    vessa label --url URL --data DIR-UNDER-THE-SERVICE'S-DATA-ROOT
+    vessa label rank OUT [--suggest K]     vessa label score OUT --truth DIR
 
-With `--redis` (or VESSA_REDIS_URL) the job uses that running service; otherwise it starts the
-embedded default (local Ray Serve + Redis + dispatcher) with the assistant named by `--ckpt`.
+With `--redis` (or VESSA_REDIS_URL) this process runs the job against that service's request stream;
+with `--url` the service's own runner actor runs it (POST /v1/jobs) and this process follows it;
+with neither it starts the embedded default (local Ray Serve + Redis + dispatcher) with the assistant
+named by `--ckpt`.
 Exit code 0 when every case is labeled (or was already), 1 when any case failed.
 """
 
@@ -39,6 +43,8 @@ def label_cmd(
     ctx: typer.Context,
     data: Path | None = typer.Option(None, "--data", help="dataset: nnU-Net/MSD, SSL4MIS HDF5 or a folder of NIfTI files"),
     out: Path | None = typer.Option(None, "--out", help="output directory (labels/, records/, labels.json, labels.csv)"),
+    url: str | None = typer.Option(None, "--url", help="REST URL of a running service: the job runs there (POST /v1/jobs; --data is then relative to its data root)"),
+    token: str | None = typer.Option(None, "--token", envvar="VESSA_API_TOKEN", help="bearer token for --url"),
     redis_url: str | None = typer.Option(None, "--redis", envvar="VESSA_REDIS_URL", help="Redis of a running service (its dispatcher and replicas do the work)"),
     ckpt: str | None = typer.Option(None, "--ckpt", help="embedded default: assistant checkpoint ('random'/'pretrained' only when asked for by name)"),
     bank: Path | None = typer.Option(None, "--bank", help="embedded default: template bank"),
@@ -57,6 +63,10 @@ def label_cmd(
     """Label every selected case: uint8 NIfTI per case in the input's geometry, a manifest, resumable."""
     if ctx.invoked_subcommand is not None:
         return
+    if url:
+        if data is None:
+            raise typer.BadParameter("--data is required (a dataset under the service's data root)")
+        raise typer.Exit(_run_remote(url, token, str(data), cases, all_cases, classes, batch_slices, max_in_flight, cases_in_flight, progress))
     if data is None or out is None:
         raise typer.BadParameter("--data and --out are required (or use `vessa label rank|score`)")
     from services.labeling.runner import LabelJob
@@ -90,6 +100,57 @@ def label_cmd(
         with embedded_service(ckpt, bank.resolve(), job.out / ".service", encoder, device, replicas) as url:
             summary = _run(job, url, progress)
     raise typer.Exit(1 if summary.failed else 0)
+
+
+def _run_remote(url, token, data, cases, all_cases, classes, batch_slices, max_in_flight, cases_in_flight, show_progress) -> int:
+    """The job on a running service (its runner actor does the work); follows it until it ends."""
+    import time
+
+    from tqdm import tqdm
+
+    from assistant_server.client import AssistantClient
+
+    client = AssistantClient(url, token=token, timeout=60)
+    created = client.label_dataset(
+        data,
+        cases=[c.strip() for c in cases.split(",") if c.strip()] if cases else None,
+        selection="all" if all_cases else "unlabeled",
+        classes=_int_list(classes, "--classes"),
+        batch_slices=batch_slices,
+        max_in_flight=max_in_flight,
+        cases_in_flight=cases_in_flight,
+    )
+    job_id = created["job_id"]
+    typer.echo(f"job {job_id}: {created['data']} → {created['out']}", err=True)
+    bar = tqdm(total=0, unit="slice", desc=f"job {job_id}", disable=not show_progress, dynamic_ncols=True)
+    try:
+        while True:
+            job = client.job(job_id)
+            if job["slices_total"] and bar.total != job["slices_total"]:
+                bar.total = job["slices_total"]
+                bar.refresh()
+            bar.update(job["slices_done"] - bar.n)
+            c = job["counts"]
+            bar.set_postfix_str(f"{job['state']} cases {c['labeled'] + c['skipped'] + c['failed']}/{c['cases']} failed {c['failed']}")
+            if job["state"] in ("done", "failed", "cancelled"):
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        client.cancel_job(job_id)
+        typer.echo(f"\ncancel requested for job {job_id} (finished outputs stay)", err=True)
+        return 130
+    finally:
+        bar.close()
+    c = job["counts"]
+    for case, err in list(job["errors"].items())[:20]:
+        typer.echo(f"failed  {case}: {err}")
+    typer.echo(
+        f"job {job_id} {job['state']}: {c['cases']} cases, {c['labeled']} labeled, {c['skipped']} already done, "
+        f"{c['failed']} failed; {job['slices_per_s']:.2f} slices/s; outputs in {created['out']} (on the service's storage)"
+    )
+    if job["state"] == "failed":
+        typer.echo(f"error: {job['error']}", err=True)
+    return 1 if job["state"] != "done" or c["failed"] else 0
 
 
 def _run(job, redis_url: str, show_progress: bool):

@@ -160,3 +160,17 @@ def test_runner_actor_killed_is_restarted_and_finishes_without_relabeling(jobs_s
         assert after[case].run_id == rec.run_id and after[case].finished_at == rec.finished_at
     assert not list(out.rglob("*.tmp"))
     shutil.rmtree(out)
+
+
+def test_vessa_label_url_runs_the_job_on_the_service(jobs_service, synth_dir, capsys):
+    """`vessa label --url`: the service's runner does the work, the command follows it; the corrupt
+    case makes the exit code 1 and is named."""
+    from services.cli import run
+
+    if not (jobs_service["root"] / "study").is_dir():  # when run alone
+        test_job_over_rest_labels_reports_and_ranks(jobs_service, synth_dir)
+    code = run(["label", "--url", jobs_service["url"], "--data", "study", "--all", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert f"done: {N_CASES + 1} cases, {N_CASES} labeled, 0 already done, 1 failed" in out
+    assert "failed  corrupt:" in out
