@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,6 +210,27 @@ async def drive_http(url: str, n: int, slices: int, concurrency: int) -> dict:
     }
 
 
+def _cpu_s(procs) -> float:
+    """User + system CPU seconds of these processes so far (psutil.Process objects)."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # gone
+            pass
+    return total
+
+
+def _measured(fn, watched: dict, n: int):
+    """Run fn(); add each watched group's CPU milliseconds per message to its result: where the cores go."""
+    before = {k: _cpu_s(v) for k, v in watched.items()}
+    r = fn()
+    for k, v in watched.items():
+        r[f"cpu_ms_per_message_{k}"] = 1000 * (_cpu_s(v) - before[k]) / max(1, n)
+    return r
+
+
 def _spawn(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=str(ROOT), env={**os.environ, **(env or {})}, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
@@ -264,20 +286,31 @@ def run(args) -> dict:
         ingress = VessaIngress.options(num_replicas=1, ray_actor_options={"num_cpus": 0})
         serve.run(ingress.bind(assistant.bind(), ApiSettings(max_upload_mb=64).model_dump(mode="json")), name="vessa", route_prefix="/")
         gcs = ray.get_runtime_context().gcs_address
+        from benchmarks.load_test import find_processes
+
+        found = find_processes(None)
+        replicas = [p for k, p in found.items() if k.startswith("replica vessa:VessaAssistant")]
+        http_side = [p for k, p in found.items() if k == "proxy" or k.startswith("replica vessa:VessaIngress")]
+        redis_ps = psutil.Process(redis_server.proc.pid)
+        me = psutil.Process()
         for slices in args.slices:
             n = max(args.trainers, args.messages // slices)
             _reset(url)
-            r = redis_alone(url, n, slices)
+            r = _measured(lambda n=n, slices=slices: redis_alone(url, n, slices), {"redis": [redis_ps]}, n)
             rows.append({"path": "Redis alone (pipelined, one client)", "slices_per_message": slices, **r})
             # redis + one dispatcher, no Ray
             _reset(url)
             procs = [_spawn([sys.executable, "-m", "benchmarks.path_bench", "--role", "dispatcher", "--redis-url", url, "--consumer", "solo"], work / "solo.log")]
             try:
                 _wait_group_consumers(url, 1)
-                r = asyncio.run(drive_stream(url, n, slices, args.trainers, args.in_flight))
+                r = _measured(
+                    lambda n=n, slices=slices: asyncio.run(drive_stream(url, n, slices, args.trainers, args.in_flight)),
+                    {"redis": [redis_ps], "dispatchers": [psutil.Process(p.pid) for p in procs], "trainers": [me]},
+                    n,
+                )
             finally:
                 _stop(procs)
-            rows.append({"path": "redis + 1 dispatcher, no Ray", "slices_per_message": slices, **r})
+            rows.append({"path": "Redis + 1 dispatcher, no Ray", "slices_per_message": slices, **r})
             for k in (1, 2):
                 _reset(url)
                 procs = [
@@ -286,11 +319,20 @@ def run(args) -> dict:
                 ]
                 try:
                     _wait_group_consumers(url, k)
-                    r = asyncio.run(drive_stream(url, n, slices, args.trainers, args.in_flight))
+                    r = _measured(
+                        lambda n=n, slices=slices: asyncio.run(drive_stream(url, n, slices, args.trainers, args.in_flight)),
+                        {"redis": [redis_ps], "dispatchers": [psutil.Process(p.pid) for p in procs], "replicas": replicas, "trainers": [me]},
+                        n,
+                    )
                 finally:
                     _stop(procs)
                 rows.append({"path": f"{k} dispatcher{'s' if k > 1 else ''} → Serve", "slices_per_message": slices, **r})
-            r = asyncio.run(drive_http(f"http://127.0.0.1:{port}", max(50, args.http_requests // slices), slices, args.concurrency))
+            m = max(50, args.http_requests // slices)
+            r = _measured(
+                lambda m=m, slices=slices: asyncio.run(drive_http(f"http://127.0.0.1:{port}", m, slices, args.concurrency)),
+                {"proxy+ingress": http_side, "replicas": replicas, "client": [me]},
+                m + min(50, m),  # the warm-up requests are counted in the CPU too
+            )
             rows.append({"path": f"ingress (REST, concurrency {args.concurrency})", "slices_per_message": slices, **r})
             print(json.dumps(rows[-5:], indent=1), flush=True)
     finally:
@@ -308,12 +350,17 @@ def run(args) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        "| path | slices / message | messages/s | slices/s | p50 / p99 ms (REST) |",
-        "| --- | ---: | ---: | ---: | --- |",
+        "| path | slices / message | messages/s | slices/s | p50 / p99 ms (REST) | CPU ms per message |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
     ]
     for r in result["rows"]:
         lat = f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}" if "p50_ms" in r else ""
-        lines.append(f"| {r['path']} | {r['slices_per_message']} | {r['messages_per_s']:,.0f} | {r['slices_per_s']:,.0f} | {lat} |")
+        cpu = ", ".join(
+            f"{k.removeprefix('cpu_ms_per_message_')} {v:.1f}" for k, v in r.items() if k.startswith("cpu_ms_per_message_")
+        )
+        lines.append(
+            f"| {r['path']} | {r['slices_per_message']} | {r['messages_per_s']:,.0f} | {r['slices_per_s']:,.0f} | {lat} | {cpu} |"
+        )
     return "\n".join(lines)
 
 
