@@ -1,5 +1,7 @@
-"""End to end in Docker: build the CPU image, `docker compose up` with the CPU override (host networking),
-a pseudo-label over REST from the assistant container, a short trainer run to completion, teardown.
+"""End to end in Docker: build the CPU image, `docker compose up` with the CPU override (host networking;
+the assistant trains a short Stage-1 first, as no checkpoint is mounted), a pseudo-label over REST from
+the assistant container, a short trainer run to completion, a labeling job through the `label` profile
+and one through REST (POST /v1/jobs), teardown.
 
 Gated: it runs only with VESSA_DOCKER_TEST=1 and a reachable Docker engine with the compose plugin;
 `.ci/run` sets both up after the suite when an engine can be started here (docs/deploy.md, "Tests").
@@ -123,6 +125,10 @@ def test_compose_cpu_end_to_end(tmp_path):
         # small demo data: 4 synthetic cases, a bank of 1 labeled patient (LiteMedSAM on CPU)
         VESSA_SYNTH_CASES="4",
         VESSA_BANK_LABELED="1",
+        # no checkpoint on the models volume: a very short Stage-1 before serving (the override's
+        # default is the demo's 200 steps)
+        VESSA_STAGE1_ARGS="--steps 4 --batch-size 1 --device cpu",
+        LABEL_ARGS="--no-progress",
         TRAIN_ARGS=(
             "--max-iters 6 --set bcp.pretrain_iters=4 --set val_every=3 --set save_every=3 "
             "--set vessa.warmup_iters=2 --set vessa.timeout_s=60 --set vessa.prefetch=2 "
@@ -183,6 +189,28 @@ def test_compose_cpu_end_to_end(tmp_path):
         assert "best.pt" in listing and "latest.pt" in listing, listing
         aof = _run(compose + ["exec", "-T", "redis", "ls", "/redis"], env=env, capture=True).stdout
         assert "appendonly" in aof, aof
+
+        # A labeling job through the `label` profile: the demo dataset (nothing mounted at
+        # /data/label-in), every case, into a host directory.
+        labels = tmp_path / "labels"
+        labels.mkdir()
+        labels.chmod(0o777)  # the image runs as the unprivileged `vessa` user
+        t_lb = time.monotonic()
+        _run(compose + ["--profile", "label", "run", "--rm", "label"], env=dict(env, LABEL_OUTPUT=str(labels)), timeout=1800)
+        timings["label_job_s"] = round(time.monotonic() - t_lb, 1)
+        manifest = json.loads((labels / "labels.json").read_text())
+        assert manifest["counts"]["ok"] == manifest["counts"]["cases"] == 4, manifest["counts"]
+        src = nib.load(str(tmp_path / case))
+        lab = nib.load(str(labels / "labels" / case.replace("_0000", "")))
+        assert lab.shape == src.shape and np.allclose(lab.affine, src.affine)
+        # The same job through REST: the service's runner actor, outputs under /data/vessa-labels/<id>
+        client = AssistantClient(url, timeout=60)
+        job = client.label_dataset("synth", selection="all")
+        done = client.wait_job(job["job_id"], timeout=1800, poll_s=2)
+        client.close()
+        assert done["state"] == "done" and done["counts"]["labeled"] == 4, done
+        listing = _run(compose + ["exec", "-T", "assistant", "ls", f"{job['out']}/labels"], env=env, capture=True).stdout.split()
+        assert len(listing) == 4, listing
         ok = True
     finally:
         if not ok:

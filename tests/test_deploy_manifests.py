@@ -362,15 +362,16 @@ def test_entrypoint_assistant_replica_flags(tmp_path):
         "0.5",
         VESSA_INIT_DATA="0",
         RAY_PORT="6399",
+        ASSISTANT_CKPT="pretrained",  # without it, Stage-1 is trained first (tests/test_label_deploy.py)
     )
     assert calls[0].startswith("ray start --head --port=6399")
     serve = next(c for c in calls if c.startswith("vessa serve"))
     assert "--replicas" not in serve, "auto keeps the config's autoscaling"
     assert "--gpus-per-replica 0.5" in serve and "--address auto" in serve and "--stream" in serve
-    assert "--ckpt pretrained" in serve, "no /models/assistant.pt: the pretrained foundation"
+    assert "--ckpt pretrained" in serve, "untrained parts when asked for by name"
     assert calls[-1].startswith("ray stop")
     calls = _run_entrypoint(
-        tmp_path, "assistant", "--replicas", "4", VESSA_INIT_DATA="0", VESSA_HTTP_PORT="8123"
+        tmp_path, "assistant", "--replicas", "4", VESSA_INIT_DATA="0", VESSA_HTTP_PORT="8123", ASSISTANT_CKPT="pretrained"
     )
     serve = next(c for c in calls if c.startswith("vessa serve"))
     assert "--replicas 4" in serve and "--port 8123" in serve

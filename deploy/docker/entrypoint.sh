@@ -9,6 +9,10 @@
 #   dispatcher [options]              `vessa dispatcher` against a running Ray cluster (KubeRay path:
 #                                     joins it at $RAY_HEAD_ADDRESS as a node without resources)
 #   redis     [redis-server options]  Redis with AOF persistence and `noeviction`
+#   label     [vessa label options]   `vessa label` through the running service's Redis path: the dataset
+#                                     mounted at $VESSA_LABEL_DATA (default /data/label-in) into
+#                                     $VESSA_LABEL_OUT (default /runs/labels); with nothing mounted there,
+#                                     the demo dataset (every case). Options from LABEL_ARGS are appended.
 #   init-data                         only the demo data step below, then exit
 #   anything else                     executed as given (`docker run ... vessa:cpu bash`)
 #
@@ -19,6 +23,12 @@
 # are the labeled ones. A file lock on the data volume makes concurrent containers take turns, and
 # each result is written to a temporary directory and renamed, so a crash leaves no half-built bank.
 # VESSA_INIT_DATA=0 turns the step off (a real dataset and bank are mounted).
+#
+# A trained assistant before serving: with no ASSISTANT_CKPT and no $VESSA_MODELS_DIR/assistant.pt
+# (default /models), `assistant` first trains Stage-1 on the bank (`vessa assistant train`, options from
+# $VESSA_STAGE1_ARGS: the GPU default schedule, or the CPU override's short one), saves it on the models
+# volume (under a lock, renamed into place when whole; an interrupted run resumes), then serves it; the
+# healthcheck waits. Untrained VESSA parts are served only when asked for by name: ASSISTANT_CKPT=pretrained.
 set -euo pipefail
 
 log() { echo "[vessa-entrypoint] $*" >&2; }
@@ -28,6 +38,7 @@ SYNTH_DIR=${VESSA_SYNTH_DIR:-$DATA_DIR/synth}
 BANK_DIR=${VESSA_BANK_DIR:-$DATA_DIR/bank}
 BANK_SOURCE=${VESSA_BANK_SOURCE:-$SYNTH_DIR}
 RAY_PORT=${RAY_PORT:-6379}
+MODELS_DIR=${VESSA_MODELS_DIR:-/models}
 
 ensure_data() { # $1: "bank" to build the bank as well as the dataset
   [ "${VESSA_INIT_DATA:-1}" = "1" ] || return 0
@@ -53,6 +64,29 @@ ensure_data() { # $1: "bank" to build the bank as well as the dataset
   exec 9>&-
 }
 
+ensure_assistant() { # prints the checkpoint to serve; trains Stage-1 first when there is none
+  if [ -n "${ASSISTANT_CKPT:-}" ]; then echo "$ASSISTANT_CKPT"; return 0; fi
+  local final="$MODELS_DIR/assistant.pt" partial="$MODELS_DIR/.stage1.partial"
+  if [ ! -f "$final" ]; then
+    mkdir -p "$MODELS_DIR"
+    exec 8>"$MODELS_DIR/.stage1.lock"
+    flock 8
+    if [ ! -f "$final" ]; then
+      log "no $final: training Stage-1 on the bank $BANK_DIR first (VESSA_STAGE1_ARGS='${VESSA_STAGE1_ARGS:-}'); ASSISTANT_CKPT=pretrained would serve untrained parts"
+      local stage1_args=()
+      read -r -a stage1_args <<<"${VESSA_STAGE1_ARGS:-}"
+      vessa assistant train --bank "$BANK_DIR" --out "$partial/assistant.pt" "${stage1_args[@]}" >&2
+      [ -f "$partial/assistant.pt" ] || { log "Stage-1 wrote no $partial/assistant.pt"; exit 1; }
+      mv "$partial/assistant.pt" "$final"
+      rm -rf "$partial"
+      log "Stage-1 done: $final"
+    fi
+    flock -u 8
+    exec 8>&-
+  fi
+  echo "$final"
+}
+
 # Extra `ray start` options, e.g. "--num-cpus 8 --object-store-memory 2000000000" or the fixed ports a
 # host-network deployment needs (--ray-client-server-port, --dashboard-agent-listen-port, ...).
 read -r -a RAY_ARGS <<<"${RAY_START_ARGS:-}"
@@ -74,11 +108,10 @@ case "$role" in
         *) serve_args+=("$1"); shift ;;
       esac
     done
-    ckpt=${ASSISTANT_CKPT:-}
-    if [ -z "$ckpt" ]; then
-      if [ -f /models/assistant.pt ]; then ckpt=/models/assistant.pt; else ckpt=pretrained; fi
+    ckpt=$(ensure_assistant)
+    if [ "$ckpt" = pretrained ] || [ "$ckpt" = random ]; then
+      log "ASSISTANT_CKPT=$ckpt: serving LiteMedSAM with untrained VESSA parts, as asked"
     fi
-    [ "$ckpt" = pretrained ] && log "no /models/assistant.pt: serving LiteMedSAM with untrained VESSA parts (ckpt=pretrained)"
     ray start --head --port="$RAY_PORT" --include-dashboard=false --disable-usage-stats "${RAY_ARGS[@]}"
     http_args=()
     [ -n "${VESSA_HTTP_PORT:-}" ] && http_args+=(--port "$VESSA_HTTP_PORT")
@@ -135,6 +168,17 @@ case "$role" in
     ;;
   init-data)
     ensure_data bank
+    ;;
+  label)
+    label_in=${VESSA_LABEL_DATA:-$DATA_DIR/label-in}
+    label_out=${VESSA_LABEL_OUT:-/runs/labels}
+    read -r -a label_extra <<<"${LABEL_ARGS:-}"
+    if [ -d "$label_in" ] && [ -n "$(ls -A "$label_in" 2>/dev/null)" ]; then
+      exec vessa label --data "$label_in" --out "$label_out" "$@" "${label_extra[@]}"
+    fi
+    ensure_data
+    log "nothing mounted at $label_in: labeling the demo dataset $SYNTH_DIR (every case) into $label_out"
+    exec vessa label --data "$SYNTH_DIR" --out "$label_out" --all "$@" "${label_extra[@]}"
     ;;
   *)
     exec "$role" "$@"
