@@ -6,6 +6,8 @@
 4. serve     local Ray Serve (CPU profile) + an embedded Redis + a dispatcher process
 5. warm      every unlabeled slice through the Redis path once (templates-only pseudo-labels; the
              assistant caches its embeddings, so training requests later travel by hash)
+   label     the unlabeled cases as a labeling job through the Redis path (`vessa label`'s runner:
+             NIfTI labels, manifest, ranking by confidence; docs/jobs.md)
 6. students  BCP without the assistant, then BCP with VESSA in the loop (Redis path)
 7. evaluate  both students on the validation volumes (NIfTI predictions written)
 8. report    report.md + overlays (image, ground truth, pseudo-label, predictions) + Dice over iterations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import typer
 
-STEPS = ["data", "bank", "assistant", "serve", "warm", "baseline student", "VESSA student", "evaluate", "report"]
+STEPS = ["data", "bank", "assistant", "serve", "warm", "label", "baseline student", "VESSA student", "evaluate", "report"]
 
 
 class Progress:
@@ -158,6 +160,8 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     # 5. warm --------------------------------------------------------------------------------------
     p.stage("warm", "every unlabeled slice through the Redis path once (templates-only)")
     pseudo = asyncio.run(_warm(redis_server.url, data, labeled))
+    p.stage("label", "the unlabeled cases as a labeling job through the Redis path")
+    labeling = _label_unlabeled(redis_server.url, data, labeled, out / "labels")
     # 6-7. students ----------------------------------------------------------------------------------
     from shared.config import load_settings
     from student_trainer.config import TrainSettings
@@ -228,7 +232,7 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
         "image_size": image_size,
         "cpu_bf16": bf16,
     }
-    return write_report(out, data, url, results, evals, pseudo, p.elapsed, schedule, p.seconds)
+    return write_report(out, data, url, results, evals, pseudo, p.elapsed, schedule, p.seconds, labeling=labeling)
 
 
 def _set_replica_threads(n: int) -> None:
@@ -279,6 +283,31 @@ async def _warm(redis_url: str, data: Path, labeled: int) -> dict:
     bar.close()
     await client.close()
     return out
+
+
+def _label_unlabeled(redis_url: str, data: Path, labeled: int, out: Path) -> dict | None:
+    """The unlabeled patients' cases through the label runner (the Redis path, like `vessa label
+    --redis`); returns the summary and the ranking for the report, or None when the layout has no such
+    cases as volumes (an SSL4MIS dataset keeps its unlabeled cases as slices only)."""
+    from services.labeling.cases import discover
+    from services.labeling.outputs import read_records
+    from services.labeling.ranking import ranking
+    from services.labeling.report import summary_table
+    from services.labeling.runner import LabelJob, run_label_job
+    from shared.data import open_dataset
+
+    ds = open_dataset(data)
+    gold = set(ds.patients()[:labeled])
+    unlabeled = {r.case_id for r in ds.slice_refs() if r.patient_id not in gold}
+    volumes = {c.case_id for c in discover(data).cases}
+    cases = sorted(unlabeled & volumes)
+    if not cases:
+        typer.echo("  no unlabeled cases stored as volumes: labeling step skipped")
+        return None
+    summary = run_label_job(LabelJob(data, out, cases=cases, selection="all"), redis_url)
+    records = read_records(out)
+    typer.echo(summary_table(records, summary))
+    return {"out": out, "summary": summary, "ranking": ranking(records), "records": records}
 
 
 def _stop(started: dict) -> None:

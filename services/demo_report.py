@@ -26,6 +26,44 @@ def _student_prediction(ckpt: Path, image: np.ndarray) -> np.ndarray:
     return predict_slices(model, image[None], size, "cpu", amp=False).numpy()[0]
 
 
+def _labeling_section(out: Path, labeling: dict, plt) -> str:
+    """The labeling job's ranking table and overlays of its least and most trusted cases."""
+    from services.labeling.cases import CaseInput, read_case
+    from shared.data.nifti import load_label_nifti
+
+    ranking, records, s = labeling["ranking"], labeling["records"], labeling["summary"]
+    rows = ["| rank | case | confidence | " + " | ".join(ranking[0]["classes"]) + " |" if ranking else "| rank | case | confidence |"]
+    rows.append("|" + " --- |" * (3 + (len(ranking[0]["classes"]) if ranking else 0)))
+    for r in ranking:
+        per = " | ".join(f"{v:.3f}" if v is not None else "-" for v in r["classes"].values())
+        rows.append(f"| {r['rank']} | {r['case_id']} | {r['confidence']:.3f} | {per} |")
+    picture = ""
+    if len(ranking) >= 1:
+        ends = [("least trusted", ranking[0]), ("most trusted", ranking[-1])]
+        fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
+        for ax, (what, r) in zip(axes, ends):
+            rec = records[r["case_id"]]
+            kind = "h5" if rec.input.endswith(".h5") else "nifti"
+            vol = read_case(CaseInput(rec.case_id, Path(rec.input), kind, False))
+            lab = load_label_nifti(Path(labeling["out"]) / rec.output, axes=vol.meta.get("axes", (2, 0, 1)))
+            z = int(np.argmax((lab > 0).reshape(lab.shape[0], -1).sum(1)))
+            _overlay(ax, vol.image[z], lab[z], f"{what}: {r['case_id']} ({r['confidence']:.3f}), slice {z}")
+        fig.tight_layout()
+        fig.savefig(out / "labels_ranking.png", dpi=110)
+        plt.close(fig)
+        picture = "\n![least and most trusted labels](labels_ranking.png)\n"
+    return f"""
+## Labeling job: the unlabeled cases
+
+The unlabeled cases went through the Redis path as one labeling job (`vessa label`'s runner):
+{s.labeled} labeled, {s.skipped} already done, {s.failed} failed, {s.slices} slices in {s.seconds:.1f} s
+({s.slices_per_s:.2f} slices/s). Labels and manifest: `labels/` (`labels/labels.json`). Ranked from
+least to most trusted by the assistant's confidence (`vessa label rank {labeling['out']}`):
+
+{chr(10).join(rows)}
+{picture}"""
+
+
 def write_report(
     out: Path,
     data: Path,
@@ -36,8 +74,10 @@ def write_report(
     elapsed: float,
     schedule: dict | None = None,
     stage_s: dict[str, float] | None = None,
+    labeling: dict | None = None,
 ) -> dict:
-    """schedule: the run's settings worth stating (steps, warm-up, fusion); stage_s: seconds per stage."""
+    """schedule: the run's settings worth stating (steps, warm-up, fusion); stage_s: seconds per stage;
+    labeling: the labeling job's summary, ranking and records (services/demo.py `_label_unlabeled`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,6 +131,7 @@ def write_report(
         fig.savefig(out / "pseudo_labels.png", dpi=110)
         plt.close(fig)
 
+    labeling_md = _labeling_section(out, labeling, plt) if labeling else ""
     summaries = {"BCP": evals["bcp"]["summary"], "BCP + VESSA": evals["bcp_vessa"]["summary"]}
     table = comparison_table(summaries)
     d_bcp = 100 * evals["bcp"]["summary"]["mean"]["dice"]
@@ -133,7 +174,7 @@ Pseudo-labels of unlabeled training slices as the trainer received them (their g
 read by training code, so none is shown).
 
 Predictions as NIfTI: `eval/bcp/predictions/`, `eval/bcp_vessa/predictions/`.
-"""
+{labeling_md}"""
     (out / "report.md").write_text(md)
     summary = {
         "dice_bcp": d_bcp,

@@ -225,3 +225,22 @@ def test_two_jobs_and_a_trainer_share_the_service(serve_app, redis_server, dispa
     assert max(peak.values()) <= 2
     for name in ("a", "b"):
         assert json.loads((tmp_path / name / "labels.json").read_text())["counts"]["failed"] == 0
+
+
+def test_demo_labeling_step_ranks_and_pictures_the_unlabeled_cases(serve_app, redis_server, dispatcher, synth_dir, tmp_path):
+    """The demo's labeling step (services/demo.py) and its report section: the unlabeled patients'
+    cases (here the 2 training cases after the first 4 patients) labeled as a job, ranked, pictured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from services.demo import _label_unlabeled
+    from services.demo_report import _labeling_section
+
+    labeling = _label_unlabeled(redis_server.url, synth_dir, 4, tmp_path / "labels")
+    assert sorted(labeling["records"]) == ["synth004", "synth005"]
+    assert labeling["summary"].labeled == 2
+    md = _labeling_section(tmp_path, labeling, plt)
+    assert "| 1 | " in md and "| 2 | " in md and "labels_ranking.png" in md
+    assert (tmp_path / "labels_ranking.png").stat().st_size > 1000
