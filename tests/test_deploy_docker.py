@@ -1,6 +1,7 @@
 """End to end in Docker: build the CPU image, `docker compose up` with the CPU override (host networking;
 the assistant trains a short Stage-1 first, as no checkpoint is mounted), a pseudo-label over REST from
-the assistant container, a short trainer run to completion, a labeling job through the `label` profile
+the assistant container, a Ray worker container (`--profile workers`) taking the replica the backlog
+autoscaler adds for a burst on the Redis stream and answering, a short trainer run to completion, a labeling job through the `label` profile
 and one through REST (POST /v1/jobs), teardown.
 
 Gated: it runs only with VESSA_DOCKER_TEST=1 and a reachable Docker engine with the compose plugin;
@@ -97,6 +98,83 @@ def _wait_ready(url: str, compose: list[str], env) -> None:
     raise AssertionError(f"assistant not ready after {READY_TIMEOUT_S:.0f} s (last: {last})")
 
 
+def _start_worker(compose: list[str], env) -> str:
+    """`--profile workers`: one Ray worker container joins the head (host networking, so it gets ports
+    of its own); returns its Ray node id, read by a driver inside it."""
+    agent_port, metrics_port = _free_ports(2)
+    wenv = dict(
+        env,
+        RAY_WORKER_ARGS=(
+            f"--num-cpus 1 --object-store-memory 300000000 --dashboard-agent-listen-port {agent_port} "
+            f"--metrics-export-port {metrics_port}"
+        ),
+    )
+    _run(compose + ["--profile", "workers", "up", "-d", "--no-recreate", "ray-worker"], env=wenv, timeout=600)
+    probe = (
+        "import ray; ray.init(address='auto', log_to_driver=False); "
+        "print('NODE', ray.get_runtime_context().get_node_id())"
+    )
+    deadline = time.monotonic() + 300
+    while True:
+        r = _run(compose + ["exec", "-T", "ray-worker", "python", "-c", probe], env=wenv, check=False, capture=True)
+        nodes = [ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("NODE ")]
+        if r.returncode == 0 and nodes:
+            return nodes[0]
+        assert time.monotonic() < deadline, f"the worker never joined: {r.stdout[-500:]} {r.stderr[-1500:]}"
+        time.sleep(5)
+
+
+def _burst_until_worker_answers(url: str, redis_url: str, image: np.ndarray, worker_node: str, n: int = 40) -> dict:
+    """n distinct slices queued on the Redis stream at once: the backlog policy asks for more replicas,
+    the head has room for one, so the next starts on the worker container. Returns when a replica on the
+    worker has answered (/v1/info names its node) and every request of the burst is answered."""
+    import asyncio
+
+    from shared.canonical import canonical_slices
+    from student_trainer.stream_client import AsyncStreamClient
+
+    rng = np.random.default_rng(0)
+    base = canonical_slices([(image - image.min()) / max(float(np.ptp(image)), 1e-6)])[0]
+
+    async def scenario() -> dict:
+        client = AsyncStreamClient(redis_url, "docker-burst", max_in_flight=n, send_hashes=False)
+        await client.start()
+        t0 = time.monotonic()
+        ids = [
+            # distinct slices (a little noise each): no cached embedding makes the burst cheap
+            await client.submit(
+                np.clip(base.astype(np.int16) + rng.integers(-2, 3, base.shape), 0, 255).astype(np.uint8)[None],
+                class_ids=[3],
+            )
+            for _ in range(n)
+        ]
+        seen: set[str] = set()
+        answered_on_worker = None
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            while answered_on_worker is None:
+                assert time.monotonic() - t0 < 900, f"no answer from the worker container; replicas on {seen}"
+                try:
+                    node = (await http.get("/v1/info")).json().get("node_id")
+                except (httpx.HTTPError, ValueError):
+                    node = None
+                if node:
+                    seen.add(node)
+                if node == worker_node:
+                    answered_on_worker = time.monotonic() - t0
+                await asyncio.sleep(1)
+        results = []
+        async for res in client.results():
+            results.append(res)
+            if len(results) == n:
+                break
+        await client.close()
+        assert sorted(r.request_id for r in results) == sorted(ids)
+        assert all(r.status == "ok" for r in results), [r.error for r in results if r.status != "ok"][:3]
+        return {"worker_answered_after_s": round(answered_on_worker, 1), "burst_answered_s": round(time.monotonic() - t0, 1), "nodes_seen": len(seen)}
+
+    return asyncio.run(scenario())
+
+
 def test_compose_cpu_end_to_end(tmp_path):
     _gate()
     from assistant_server.client import AssistantClient
@@ -137,6 +215,9 @@ def test_compose_cpu_end_to_end(tmp_path):
     )
     for var in ("VESSA_REDIS_URL", "ASSISTANT_REPLICAS", "SERVE_CONFIG", "TRAIN_CONFIG"):
         env.pop(var, None)
+    # 1-3 replicas following the Redis backlog: one fits the head beside the ingress, the next goes to
+    # the `workers` container started below
+    env.update(SERVE_CONFIG="deploy/serve_cpu_autoscale.yaml", ASSISTANT_REPLICAS="auto")
     compose = ["docker", "compose", "-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
     url = f"http://127.0.0.1:{http_port}"
     ok = False
@@ -169,6 +250,14 @@ def test_compose_cpu_end_to_end(tmp_path):
         info = client.info()
         client.close()
         print("assistant info:", json.dumps(info)[:400], flush=True)
+
+        # Compose beyond one container: a Ray worker container, and a replica on it answering.
+        t_w = time.monotonic()
+        worker_node = _start_worker(compose, env)
+        assert worker_node != info.get("node_id"), "the worker container is a node of its own"
+        timings["worker_join_s"] = round(time.monotonic() - t_w, 1)
+        timings.update(_burst_until_worker_answers(url, f"redis://127.0.0.1:{redis_port}/0", image, worker_node))
+        print("worker container:", json.dumps({k: v for k, v in timings.items() if "worker" in k or "burst" in k}), flush=True)
 
         # The trainer: BCP + VESSA over the Redis streams, a short run to completion.
         t_tr = time.monotonic()
@@ -216,7 +305,7 @@ def test_compose_cpu_end_to_end(tmp_path):
         if not ok:
             _run(compose + ["logs", "--no-color", "--tail", "150"], env=env, check=False)
         t_down = time.monotonic()
-        _run(compose + ["down", "-v", "--remove-orphans", "-t", "30"], env=env, check=False, timeout=600)
+        _run(compose + ["--profile", "workers", "down", "-v", "--remove-orphans", "-t", "30"], env=env, check=False, timeout=600)
         timings["down_s"] = round(time.monotonic() - t_down, 1)
         out = ROOT / "runs" / "docker-test"
         out.mkdir(parents=True, exist_ok=True)
