@@ -51,6 +51,7 @@ def label_cmd(
     encoder: str = typer.Option("litemedsam", help="embedded default: litemedsam or tiny"),
     device: str = typer.Option("cpu", help="embedded default: cpu or cuda"),
     replicas: int = typer.Option(1, min=1, help="embedded default: assistant replicas"),
+    embed_store: Path | None = typer.Option(None, "--embed-store", help="embedded default: persisted encoder embeddings to read and fill (vessa assistant embed)"),
     cases: str | None = typer.Option(None, "--cases", help="comma-separated case ids (default: the selection below)"),
     all_cases: bool = typer.Option(False, "--all/--unlabeled", help="every case, or only cases without ground truth (default)"),
     classes: str | None = typer.Option(None, "--classes", help="comma-separated class indices (default: every class of the bank)"),
@@ -97,7 +98,8 @@ def label_cmd(
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         typer.echo("starting the embedded default (local Ray Serve + Redis + dispatcher)…", err=True)
-        with embedded_service(ckpt, bank.resolve(), job.out / ".service", encoder, device, replicas) as url:
+        store = embed_store.resolve() if embed_store else None
+        with embedded_service(ckpt, bank.resolve(), job.out / ".service", encoder, device, replicas, store) as url:
             summary = _run(job, url, progress)
     raise typer.Exit(1 if summary.failed else 0)
 

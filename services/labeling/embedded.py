@@ -14,8 +14,17 @@ from pathlib import Path
 
 
 @contextmanager
-def embedded_service(ckpt: str, bank: Path, run_dir: Path, encoder: str = "litemedsam", device: str = "cpu", replicas: int = 1):
-    """Yields the Redis URL of a local service that answers the request stream."""
+def embedded_service(
+    ckpt: str,
+    bank: Path,
+    run_dir: Path,
+    encoder: str = "litemedsam",
+    device: str = "cpu",
+    replicas: int = 1,
+    embed_store: Path | None = None,
+):
+    """Yields the Redis URL of a local service that answers the request stream. embed_store: a
+    directory of persisted encoder embeddings the replica reads and fills (`vessa assistant embed`)."""
     if ckpt not in ("random", "pretrained") and not Path(ckpt).is_file():
         raise FileNotFoundError(f"assistant checkpoint not found: {ckpt}")
     if not (Path(bank) / "manifest.json").is_file():
@@ -35,9 +44,12 @@ def embedded_service(ckpt: str, bank: Path, run_dir: Path, encoder: str = "litem
         assistant = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0, "runtime_env": all_cores_runtime_env()}}
         if device == "cpu":
             assistant["user_config"] = {"torch_threads": max(1, cores // replicas)}
+        args = {"ckpt": str(ckpt), "bank": str(bank), "encoder": encoder, "device": device, "max_batch_slices": 16}
+        if embed_store is not None:
+            args["cache_store"] = str(embed_store)
         serve.run(
             build_app(
-                {"ckpt": str(ckpt), "bank": str(bank), "encoder": encoder, "device": device, "max_batch_slices": 16},
+                args,
                 {"VessaAssistant": assistant, "VessaIngress": {"ray_actor_options": {"num_cpus": 0}}},
             ),
             name="vessa",
@@ -49,7 +61,8 @@ def embedded_service(ckpt: str, bank: Path, run_dir: Path, encoder: str = "litem
             [sys.executable, "-m", "services.cli", "dispatcher", "--redis-url", redis_server.url, "--ray-address", ray.get_runtime_context().gcs_address],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ, VESSA_REDIS_URL=redis_server.url),
+            # a cold CPU batch of LiteMedSAM slices can take minutes: a call is not failed for that
+            env=dict(os.environ, VESSA_REDIS_URL=redis_server.url, VESSA_CALL_TIMEOUT_S=os.environ.get("VESSA_CALL_TIMEOUT_S", "3600")),
         )
         yield redis_server.url
     finally:
