@@ -107,11 +107,17 @@ def _bad(detail: str, status: int = 400) -> HTTPException:
 _OFF = "labeling jobs are off on this service: it needs a data_root (VESSA_DATA_ROOT) and the Redis path (redis_url, `vessa serve --stream`)"
 
 
+_CLIENTS: dict[str, redis.Redis] = {}
+
+
 def _redis() -> redis.Redis:
     # a service without jobs answers as if the routes were not there (404), not with a server error
     if not CONFIG.redis_url or not CONFIG.data_root:
         raise _bad(_OFF, 404)
-    return redis.Redis.from_url(CONFIG.redis_url, socket_timeout=5)
+    client = _CLIENTS.get(CONFIG.redis_url)
+    if client is None:  # one pooled client per URL, not a connection per request
+        client = _CLIENTS[CONFIG.redis_url] = redis.Redis.from_url(CONFIG.redis_url, socket_timeout=5)
+    return client
 
 
 def confine(path: str, root: str) -> Path:

@@ -6,6 +6,7 @@ literal `random` / `pretrained` (LiteMedSAM with untrained VESSA parts)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -37,7 +38,9 @@ def embedded_service(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     redis_server = dispatcher = None
-    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    # Ray's and Serve's start-up chatter is not the user's business; warnings and errors still show
+    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, logging_level=logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         cores = os.cpu_count() or 1
