@@ -31,7 +31,16 @@ def _model():
 
 
 def embed_texts(texts: list[str]) -> np.ndarray:
-    """texts → (len(texts), 384) float32 unit vectors."""
+    """texts → (len(texts), 384) float32 unit vectors. `VESSA_TEXT_VECTORS`: a JSON file {text: vector}
+    written beforehand by this function's model (benchmarks/gpu/pack.sh), used when it holds every text:
+    the GPU machine cannot carry the 88 MB text model."""
+    stored = os.environ.get("VESSA_TEXT_VECTORS")
+    if stored:
+        import json
+
+        table = json.loads(open(stored).read())
+        if all(t in table for t in texts):
+            return np.asarray([table[t] for t in texts], dtype=np.float32)
     vectors = _model().encode(
         texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
     )

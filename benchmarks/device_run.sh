@@ -7,26 +7,17 @@
 #   bash benchmarks/device_run.sh            # full sizes (one H200: about 6-7 minutes)
 #   bash benchmarks/device_run.sh --small    # smallest form (CPU, CI): a couple of minutes
 #
-# On the device machine (Python 3.12, no registry): carry .device/ (Ray Serve + Redis bundle from
-# ../shared/tools/device-serve-bundle.sh) and .whl/ (pydantic, pydantic-settings, nibabel, typer,
-# python-multipart wheels); this script unpacks them when present.
+# On the device machine (Python 3.12, no registry): carry the "serve" set of benchmarks/gpu/pack.sh
+# (.device/ Ray Serve + Redis bundle, .whl/ wheels) after the "models" set (docs/gpu.md); the GPU queue's
+# `perf` item runs this script (`bash benchmarks/gpu/run.sh perf`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMALL=0
 [ "${1:-}" = "--small" ] && SMALL=1
 OUT=${OUT:-runs/device_run}
 mkdir -p "$OUT"
-if [ -f .device/serve-site-py312.tar.xz ]; then
-  mkdir -p /tmp/site && tar xJf .device/serve-site-py312.tar.xz -C /tmp/site
-  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-fi
-PY=python3
-[ -x .venv/bin/python ] && [ ! -f .device/serve-site-py312.tar.xz ] && PY=.venv/bin/python
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import pydantic, nibabel" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site2 .whl/*.whl
-  export PYTHONPATH=/tmp/site2:${PYTHONPATH:-$PWD}
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# what travelled (.device/, .whl/, .gpu-models/) is unpacked into .gpu-site/; sets PY and PYTHONPATH
+source benchmarks/gpu/env.sh
 if [ "$SMALL" = 1 ]; then
   # the smallest form: the same code paths, the tiny stand-in encoder, a handful of requests. Sizes are
   # the least that still runs every path and yields every figure (it runs in the test suite, on CPU):
@@ -36,11 +27,11 @@ if [ "$SMALL" = 1 ]; then
   # - serving: 2 requests per path, concurrency 2 (so requests still overlap), one 2-slice volume.
   # - trainer: one timed step after one warm-up step per method (a rate needs one), batch 4 (2 labeled +
   #   2 unlabeled, BCP's halves); 6 cases is the fewest synthetic cases that leave unlabeled and val data.
-  MODEL=(--batches 1 --scaling 1,2 --reps 1 --encoder tiny)
+  MODEL=(--batches 1 --scaling 1,2 --reps 1 --encoder tiny --levers 2)
   SERVE=(--requests 2 --concurrency 2 --volume-slices 2 --max-batch 16 --encoder tiny --ray-cpus 2)
   TRAIN=(--iters 1 --warmup 1 --image-size 64 --batch-size 4 --cases 6 --assistant-encoder tiny)
 else
-  MODEL=(--batches 1,32,256 --scaling 1,8,64,512 --reps 3)
+  MODEL=(--batches 1,32,256 --scaling 1,8,64,512 --reps 3 --levers 256)
   SERVE=(--requests 512 --concurrency 64 --slices-per-request 16 --max-batch 512 --dispatchers 2)
   TRAIN=(--iters 100 --warmup 20 --image-size 256 --batch-size 24)
 fi

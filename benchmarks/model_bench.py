@@ -1,17 +1,20 @@
 """The assistant alone: cold and warm pseudo-labels per second, encoder/decoder split, and how cost
 grows with slices per request — the figures issue 8 asks of the model side, in one run.
 
-    python -m benchmarks.model_bench [--device cuda] [--batches 1,32,256] [--scaling 1,8,64,512] [--json OUT]
+    python -m benchmarks.model_bench [--device cuda] [--batches 1,32,256] [--scaling 1,8,64,512] [--levers 256]
+        [--compile] [--json OUT]
 
 cold: every slice is new (encoder + decoder, all classes of a slice in one pass); warm: the slice's
 embedding is cached and only a new student prompt arrives (decoder only). Random weights (speed does
 not depend on weight values), synthetic 256×256 slices. Also prints the floor: encoder FLOPs per slice
-against the device's measured bf16 matrix rate.
+against the device's measured bf16 matrix rate. `--levers B`: the encoder alone at batch B with a pinned
+host buffer, as one captured CUDA graph and (with --compile) torch.compile'd; CPU: the baseline row only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -91,6 +94,62 @@ def timed(fn, device: torch.device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def encoder_levers(model, device: torch.device, batch: int, reps: int, compile_: bool = False) -> list[dict]:
+    """The encoder alone at one fixed batch shape, uint8 slices from the host, with the levers issue 17
+    names: eager with a pageable upload (the baseline), a pinned host buffer with a non-blocking upload,
+    the whole upload + encoder captured as one CUDA graph, and optionally torch.compile. The levers need
+    CUDA: on other devices only the baseline row is timed (the others would be no-ops)."""
+    cuda = device.type == "cuda"
+    enc = model.image_encoder.eval()
+    host = torch.randint(0, 256, (batch, 256, 256), dtype=torch.uint8)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0)[:, None].expand(-1, 3, -1, -1)
+
+    def amp():
+        # no autocast weight cache: it does not survive graph capture
+        return torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cuda else contextlib.nullcontext()
+
+    rows = []
+    with torch.no_grad(), amp():
+        t = timed(lambda: enc(prep(host.to(device))), device, reps)
+        rows.append({"lever": "eager, pageable upload", "slices_per_s": batch / t})
+        if not cuda:
+            return rows
+        pinned = host.pin_memory()
+        static_in = torch.empty(host.shape, dtype=torch.uint8, device=device)
+
+        def pinned_step() -> torch.Tensor:
+            static_in.copy_(pinned, non_blocking=True)
+            return enc(prep(static_in))
+
+        t = timed(pinned_step, device, reps)
+        rows.append({"lever": "eager, pinned non-blocking upload", "slices_per_s": batch / t})
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                pinned_step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = enc(prep(static_in))
+        _sync(device)
+
+        def graph_step() -> torch.Tensor:
+            static_in.copy_(pinned, non_blocking=True)
+            graph.replay()
+            return static_out
+
+        t = timed(graph_step, device, reps)
+        rows.append({"lever": "CUDA graph (fixed batch), pinned upload", "slices_per_s": batch / t})
+        if compile_:
+            compiled = torch.compile(enc, mode="max-autotune-no-cudagraphs", dynamic=False)
+            t = timed(lambda: compiled(prep(static_in)), device, reps)
+            rows.append({"lever": "torch.compile (fixed batch)", "slices_per_s": batch / t})
+    return rows
+
+
 def run(args) -> dict:
     from assistant_server.embedding_cache import EmbeddingCache
     from assistant_server.inference import SliceInput
@@ -136,6 +195,9 @@ def run(args) -> dict:
         a.predict([SliceInput(image=s) for s in sl])
         t = timed(lambda sl=sl: a.predict([SliceInput(image=s) for s in sl]), device, max(1, args.reps // 2))
         results["scaling"].append({"slices_per_request": n, "ms_per_slice_warm": 1000 * t / n})
+    if args.levers:
+        results["levers_batch"] = args.levers
+        results["levers"] = encoder_levers(a.model, device, args.levers, args.reps, args.compile)
     rate = matmul_tflops(device)
     results["matmul_tflops"] = rate
     results["cold_floor_slices_per_s"] = rate * 1e12 / (ENCODER_GFLOP * 1e9)
@@ -156,6 +218,8 @@ def table(res: dict) -> str:
         lines.append(f"{r['batch']:6d} {r['cold_slices_per_s']:10.1f} {r['warm_slices_per_s']:10.1f} {r['encoder_ms_per_slice']:10.2f} {r['decoder_ms_per_slice']:10.2f}")
     lines.append("slices/request → warm ms per slice: " + ", ".join(f"{s['slices_per_request']}: {s['ms_per_slice_warm']:.2f}" for s in res["scaling"]))
     lines.append(f"spread of time per slice across request sizes: {100 * res['scaling_spread']:.0f}%")
+    for r in res.get("levers", []):
+        lines.append(f"encoder alone, batch {res['levers_batch']}, {r['lever']}: {r['slices_per_s']:.1f} slices/s")
     return "\n".join(lines)
 
 
@@ -167,6 +231,8 @@ def main(argv=None) -> dict:
     p.add_argument("--scaling", default="1,8,64,512", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--levers", type=int, default=0, help="also time the encoder alone at this batch with each lever")
+    p.add_argument("--compile", action="store_true", help="with --levers: add a torch.compile row (CUDA)")
     args = p.parse_args(argv)
     res = run(args)
     res["table"] = table(res)

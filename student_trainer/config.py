@@ -138,6 +138,9 @@ class StepSettings(_Section):
         1000, ge=1, description="bcp_vessa graph step: re-ask the assistant with teacher prompts every N"
     )
     assistant_chunk: int = Field(64, ge=1, description="slices per request when filling the assistant table")
+    assistant_table_slices: int | None = Field(
+        None, ge=1, description="ask only for the first N unlabeled slices (None: all; CPU smoke runs)"
+    )
     assistant_timeout_s: float = Field(600.0, gt=0, description="wait at most this long for a table fill")
 
 

@@ -354,10 +354,11 @@ class StaticStep:
         if not (first or due):
             return
         prompts = t._prompt_probs if feedback else None
+        limit = cfg.step.assistant_table_slices or t.data.num_unlabeled
         n = self.table.fill(
             self.link,
-            t.data.unlabeled_host,
-            t.data.unlabeled_keys,
+            t.data.unlabeled_host[:limit],
+            t.data.unlabeled_keys[:limit],
             prompts,
             cfg.step.assistant_chunk,
             cfg.step.assistant_timeout_s,

@@ -1,0 +1,105 @@
+"""The GPU queue (benchmarks/gpu/run.sh) runs every item end to end in its --small form on the CPU:
+synthetic data (prepared once here as a `vessa data prepare` cache), the tiny encoder, a handful of
+steps. Each item's own checks (a bank with exemplars, answers that arrived, a label map with foreground,
+finite metrics for every volume) must pass and its result.json must say so. `perf --small` runs in
+tests/test_benchmarks.py (it is device_run.sh's smallest form plus the graph-ready trainer), not here.
+Cost on 2 cores: about 5-8 minutes (mostly the two assistant recipes and the Serve start of smoke)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def run_item(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        ["bash", "benchmarks/gpu/run.sh", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+def passed(proc: subprocess.CompletedProcess, out: Path) -> dict:
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    res = result(out)
+    assert res["ok"] and res["checks"], res["checks"]
+    assert "GPU queue item" in proc.stdout and "PASSED" in proc.stdout  # the one table was printed
+    return res
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """14 synthetic cases (3-4 validation volumes, unlabeled patients left at N = 7), cached at 64²."""
+    raw = tmp_path_factory.mktemp("queue_synth")
+    out = tmp_path_factory.mktemp("queue_cache") / "cache"
+    vessa = [str(ROOT / ".venv" / "bin" / "python"), "-m", "services.cli"]
+    subprocess.run([*vessa, "data", "synth", str(raw), "--cases", "14", "--seed", "0"], cwd=ROOT, check=True)
+    subprocess.run(
+        [*vessa, "data", "prepare", str(raw), str(out), "--size", "64", "--workers", "1"],
+        cwd=ROOT,
+        check=True,
+    )
+    return out
+
+
+def test_list_is_the_queue_in_order():
+    proc = run_item("list")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        "smoke", "perf", "assistant-3", "bcp-3", "vessa-3", "supervised-3",
+        "assistant-7", "bcp-7", "vessa-7", "supervised-7",
+    ]  # fmt: skip
+    bad = run_item("no-such-item", "--small")
+    assert bad.returncode != 0 and "unknown item" in bad.stderr
+
+
+@pytest.mark.parametrize("item", ["bcp-3", "supervised-3", "bcp-7", "supervised-7"])
+def test_student_item_small(item, cache, tmp_path):
+    out = tmp_path / item
+    res = passed(run_item(item, "--small", "--data", str(cache), "--out", str(out)), out)
+    assert res["figures"]["completed_schedule"] is True
+    assert res["figures"]["val_mean_dice"] is not None
+    # the queue trains with the graph-ready step (configs/train/*_gpu.yaml)
+    assert res["figures"]["graph_step"]["lcc_unconverged_steps"] == 0.0
+    assert (out / "train" / "best.pt").is_file() and (out / "eval_val" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("n", [3, 7])
+def test_assistant_then_vessa_items_small(n, cache, tmp_path):
+    """assistant-N (recipe + eval), then vessa-N on its recipe folder, as the queue runs them in order
+    on one machine; the test split is evaluated when --test is given (here: the same cache's val)."""
+    a_out = tmp_path / f"assistant-{n}"
+    res = passed(run_item(f"assistant-{n}", "--small", "--data", str(cache), "--out", str(a_out)), a_out)
+    assert "templates" in res["figures"]["val_mean_dice"]
+    assert (a_out / "bank").is_dir() and (a_out / "assistant.pt").is_file()
+    v_out = tmp_path / f"vessa-{n}"
+    args = ["--small", "--data", str(cache), "--out", str(v_out), "--assistant", str(a_out)]
+    res = passed(run_item(f"vessa-{n}", *args), v_out)
+    assert res["figures"]["assistant"] == str(a_out)  # reused, not rebuilt
+    table = res["figures"]["graph_step"]
+    assert table["table_answered"] > 0 and table["table_builds"] >= 2  # templates-only, then prompted
+
+
+def test_smoke_item_small(tmp_path):
+    out = tmp_path / "smoke"
+    res = passed(run_item("smoke", "--small", "--out", str(out), timeout=1200), out)
+    names = {c["check"] for c in res["checks"]}
+    for part in ("bank build", "Stage-1", "Serve app", "REST pseudo-labels", "Redis path", "BCP + VESSA trainer",
+                 "vessa eval", "vessa predict"):  # fmt: skip
+        assert any(n.startswith(part) for n in names), (part, names)
