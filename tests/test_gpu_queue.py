@@ -103,3 +103,19 @@ def test_smoke_item_small(tmp_path):
     for part in ("bank build", "Stage-1", "Serve app", "REST pseudo-labels", "Redis path", "BCP + VESSA trainer",
                  "vessa eval", "vessa predict"):  # fmt: skip
         assert any(n.startswith(part) for n in names), (part, names)
+
+
+def test_text_vectors_file_replaces_the_text_model(tmp_path, monkeypatch):
+    """Banks build on the GPU machine from class-text vectors computed here (pack.sh models): with
+    VESSA_TEXT_VECTORS holding every text, the 88 MB text model is never loaded."""
+    from assistant_server import text_embedding
+
+    vectors = {"RV: right ventricle": [1.0, 0.0], "LV: left ventricle": [0.0, 1.0]}
+    path = tmp_path / "text_vectors.json"
+    path.write_text(json.dumps(vectors))
+    monkeypatch.setenv("VESSA_TEXT_VECTORS", str(path))
+    monkeypatch.setattr(text_embedding, "_model", lambda: (_ for _ in ()).throw(AssertionError("model loaded")))
+    out = text_embedding.embed_texts(["LV: left ventricle", "RV: right ventricle"])
+    assert out.dtype.name == "float32" and out.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    with pytest.raises(AssertionError, match="model loaded"):  # a text it lacks: the model is asked
+        text_embedding.embed_texts(["Myo: myocardium"])
