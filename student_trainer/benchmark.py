@@ -163,7 +163,14 @@ def bench_method(
     _sync(dev)
     elapsed = time.perf_counter() - t0
     loss = float(losses["loss"].detach())
+    # a replayed CUDA graph dispatches no ops: count the graph-ready step run uncaptured (the same
+    # kernels the graph holds)
+    captured = trainer.static is not None and trainer.static.capture
+    if captured:
+        trainer.static.capture = False
     ops = count_ops(trainer.train_step)
+    if captured:
+        trainer.static.capture = True
     _sync(dev)
     if profile:
         from torch.profiler import ProfilerActivity

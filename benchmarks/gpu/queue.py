@@ -538,8 +538,14 @@ def _gpu_name() -> str | None:
 
 
 def _commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() or os.environ.get("VESSA_COMMIT", "unknown")
+    """VESSA_COMMIT (the device machine gets no .git, docs/gpu.md), else git's HEAD."""
+    if os.environ.get("VESSA_COMMIT"):
+        return os.environ["VESSA_COMMIT"]
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return r.stdout.strip() or "unknown"
 
 
 def table(result: dict[str, Any]) -> str:
