@@ -200,9 +200,10 @@ def test_compose_cpu_end_to_end(tmp_path):
             f"--num-cpus 2 --object-store-memory 300000000 --ray-client-server-port {client_port} "
             f"--dashboard-agent-listen-port {agent_port}"
         ),
-        # small demo data: 4 synthetic cases, a bank of 1 labeled patient (LiteMedSAM on CPU)
+        # small demo data: 4 synthetic cases, a bank of 2 labeled patients (LiteMedSAM on CPU; Stage-1
+        # below needs templates from two patients)
         VESSA_SYNTH_CASES="4",
-        VESSA_BANK_LABELED="1",
+        VESSA_BANK_LABELED="2",
         # no checkpoint on the models volume: a very short Stage-1 before serving (the override's
         # default is the demo's 200 steps)
         VESSA_STAGE1_ARGS="--steps 4 --batch-size 1 --device cpu",
