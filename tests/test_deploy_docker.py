@@ -124,7 +124,7 @@ def _start_worker(compose: list[str], env) -> str:
         time.sleep(5)
 
 
-def _burst_until_worker_answers(url: str, redis_url: str, image: np.ndarray, worker_node: str, n: int = 40) -> dict:
+def _burst_until_worker_answers(url: str, redis_url: str, image: np.ndarray, worker_node: str, n: int = 24) -> dict:
     """n distinct slices queued on the Redis stream at once: the backlog policy asks for more replicas,
     the head has room for one, so the next starts on the worker container. Returns when a replica on the
     worker has answered (/v1/info names its node) and every request of the burst is answered."""
@@ -200,10 +200,13 @@ def test_compose_cpu_end_to_end(tmp_path):
             f"--num-cpus 2 --object-store-memory 300000000 --ray-client-server-port {client_port} "
             f"--dashboard-agent-listen-port {agent_port}"
         ),
-        # small demo data: 4 synthetic cases, a bank of 2 labeled patients (LiteMedSAM on CPU; Stage-1
-        # below needs templates from two patients)
+        # small demo data: 4 synthetic cases, a bank of 1 labeled patient (LiteMedSAM on CPU). The 4
+        # cases hold 2 training patients, so the bank can take only 1, and Stage-1 refuses a bank of one
+        # patient ("needs labeled exemplars from at least two patients"): serve the pretrained
+        # weights here (ASSISTANT_CKPT below) rather than train.
         VESSA_SYNTH_CASES="4",
-        VESSA_BANK_LABELED="2",
+        VESSA_BANK_LABELED="1",
+        ASSISTANT_CKPT="pretrained",
         # no checkpoint on the models volume: a very short Stage-1 before serving (the override's
         # default is the demo's 200 steps)
         VESSA_STAGE1_ARGS="--steps 4 --batch-size 1 --device cpu",
