@@ -79,18 +79,21 @@ def serve_calls(
         except (WireError, AssistantInputError) as exc:
             replies[i] = error_reply(str(exc), "bad_request", assistant)
             continue
-        key = (tuple(sorted(call.class_ids)) if call.class_ids else None, call.return_probs)
+        # A volume is answered on its own (its slices inform each other); other calls with the same
+        # options share one predict.
+        key = (tuple(sorted(call.class_ids)) if call.class_ids else None, call.return_probs, i if call.volume else -1)
         groups[key].append((i, call, slices))
 
     total = sum(len(s) for g in groups.values() for _, _, s in g)
-    for (class_ids, return_probs), members in groups.items():
+    for (class_ids, return_probs, volume), members in groups.items():
         inputs = [
             SliceInput(image=s.image, slice_hash=s.hash, student_probs=s.probs)
             for _, _, sl in members
             for s in sl
         ]
+        predict = assistant.predict_volume if volume >= 0 else assistant.predict
         try:
-            outputs = assistant.predict(inputs, list(class_ids) if class_ids else None, return_probs)
+            outputs = predict(inputs, list(class_ids) if class_ids else None, return_probs)
         except AssistantInputError as exc:
             for i, _, _ in members:
                 replies[i] = error_reply(str(exc), "bad_request", assistant)

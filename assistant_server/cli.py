@@ -170,6 +170,9 @@ def assistant_eval(
     volume_context: float | None = typer.Option(None, help="override: weight of slices z±1 in a refinement prompt"),
     lcc: str | None = typer.Option(None, "--lcc", help="override: largest-component cleaning off|auto|on"),
     templates: int | None = typer.Option(None, "--templates", help="override: templates retrieved per query"),
+    position_weight: float | None = typer.Option(
+        None, help="override: preference for templates at the same relative position in their volume"
+    ),
     cpu_bf16: bool = typer.Option(False, "--cpu-bf16", help="bf16 autocast on the CPU"),
 ):
     """Per-volume, per-class Dice/Jaccard/HD95/ASD for prompting modes and baselines (JSON + table), and how
@@ -197,6 +200,7 @@ def assistant_eval(
         volume_context=volume_context,
         largest_component=lcc,
         num_templates=templates,
+        position_weight=position_weight,
         cpu_bf16=cpu_bf16,
     )
     report = evaluate_assistant(s)

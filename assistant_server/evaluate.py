@@ -52,6 +52,7 @@ class EvalSettings(VessaSettings):
     volume_context: float | None = None
     largest_component: str | None = None
     num_templates: int | None = None
+    position_weight: float | None = None
     cpu_bf16: bool = False
 
     def inference_overrides(self) -> dict:
@@ -60,6 +61,7 @@ class EvalSettings(VessaSettings):
             "volume_context": self.volume_context,
             "largest_component": self.largest_component,
             "num_templates": self.num_templates,
+            "position_weight": self.position_weight,
         }
 
 

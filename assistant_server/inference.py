@@ -76,6 +76,20 @@ class SliceOutput:
     probs: np.ndarray | None = None
 
 
+def _relative_positions(bank: TemplateBank) -> torch.Tensor:
+    """(N,) each exemplar's position within its case, 0 at its first slice and 1 at its last (0.5 for a
+    case with one exemplar), from the exemplars' slice indices."""
+    span: dict[str, tuple[int, int]] = {}
+    for e in bank.exemplars:
+        lo, hi = span.get(e.case_id, (e.slice_index, e.slice_index))
+        span[e.case_id] = (min(lo, e.slice_index), max(hi, e.slice_index))
+    pos = []
+    for e in bank.exemplars:
+        lo, hi = span[e.case_id]
+        pos.append(0.5 if hi == lo else (e.slice_index - lo) / (hi - lo))
+    return torch.tensor(pos, dtype=torch.float32)
+
+
 def _copy_output(out: SliceOutput) -> SliceOutput:
     """A remembered answer's own arrays: what a caller does with its copy never reaches the cache."""
     return dataclasses.replace(out, label=out.label.copy(), confidence=out.confidence.copy())
@@ -90,6 +104,7 @@ class _BankState:
     text: torch.Tensor  # (C, 384)
     patients: list[str] = field(default_factory=list)
     single_component: list[int] = field(default_factory=list)  # classes whose exemplars are one blob
+    positions: torch.Tensor | None = None  # (N,) each exemplar's relative position in its case, 0..1
 
 
 class Assistant:
@@ -207,6 +222,7 @@ class Assistant:
             single_component=single_component_classes(t["label"], list(range(1, num_classes)))
             if len(t["label"])
             else [],
+            positions=_relative_positions(self.bank).to(self.device),
         )
         self._bank_state = state
         return state
@@ -404,7 +420,9 @@ class Assistant:
         self._sync()
         t0 = time.perf_counter()
         emb = torch.stack([embs[i] for i in present])
-        probs, conf = self._volume_pass(emb, state, ids, student)
+        depth = max(len(slices) - 1, 1)
+        positions = torch.tensor([i / depth for i in present], device=self.device)
+        probs, conf = self._volume_pass(emb, state, ids, student, positions)
         refine = [j for j, st in enumerate(student) if st is None]
         w = float(self.options.volume_context)
         for _ in range(self.options.refine_passes if refine else 0):
@@ -413,7 +431,9 @@ class Assistant:
                 prev = torch.cat([prompt[:1], prompt[:-1]])
                 nxt = torch.cat([prompt[1:], prompt[-1:]])
                 prompt = (1 - 2 * w) * prompt + w * prev + w * nxt
-            new_probs, new_conf = self._volume_pass(emb, state, ids, [prompt[j] for j in range(len(present))])
+            new_probs, new_conf = self._volume_pass(
+                emb, state, ids, [prompt[j] for j in range(len(present))], positions
+            )
             probs[refine], conf[refine] = new_probs[refine], new_conf[refine]
         finished = [
             self._finish(hashes[i], shapes[i], probs[j], conf[j], ids, num_classes, return_probs)
@@ -438,7 +458,12 @@ class Assistant:
         return outputs  # type: ignore[return-value]
 
     def _volume_pass(
-        self, emb: torch.Tensor, state: _BankState, ids: list[int], student: list[torch.Tensor | None]
+        self,
+        emb: torch.Tensor,
+        state: _BankState,
+        ids: list[int],
+        student: list[torch.Tensor | None],
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder pass over a volume's slices, in chunks, each slice with its own prompt or none.
         Returns probs (Z, 1+M, 256, 256) and confidence (Z, M)."""
@@ -449,7 +474,8 @@ class Assistant:
             for start in range(0, len(group), self.encode_batch):
                 chunk = group[start : start + self.encode_batch]
                 st = torch.stack([student[j] for j in chunk]) if prompted else None
-                p, c = self._pass(emb[chunk], state, ids, st)
+                pos = None if positions is None else positions[chunk]
+                p, c = self._pass(emb[chunk], state, ids, st, pos)
                 probs[chunk], conf[chunk] = p, c
         return probs, conf
 
@@ -459,12 +485,15 @@ class Assistant:
             while len(self._answers) > self.answer_cache_entries:
                 self._answers.popitem(last=False)
 
-    def _forward(self, emb: torch.Tensor, state: _BankState, ids: list[int], **prompts):
-        """The model on query embeddings (B, 256, 64, 64) with their top-k templates retrieved;
-        `prompts`: student_probs, sparse_prompts, mask_prompt (see VessaModel.forward)."""
+    def _forward(
+        self, emb: torch.Tensor, state: _BankState, ids: list[int], positions: torch.Tensor | None = None, **prompts
+    ):
+        """The model on query embeddings (B, 256, 64, 64) with their top-k templates retrieved
+        (positions: (B,) relative positions in their volume, or None); `prompts`: student_probs,
+        sparse_prompts, mask_prompt (see VessaModel.forward)."""
         with torch.inference_mode(), self._autocast():
             emb = emb.to(torch.float32) if self.device.type == "cpu" else emb
-            idx = self._retrieve(global_descriptor(emb), state)
+            idx = self._retrieve(global_descriptor(emb), state, positions)
             return self.model(
                 query_embeddings=emb,
                 template_keys=state.keys[idx],
@@ -486,9 +515,14 @@ class Assistant:
         return probs, conf
 
     def _pass(
-        self, emb: torch.Tensor, state: _BankState, ids: list[int], student: torch.Tensor | None
+        self,
+        emb: torch.Tensor,
+        state: _BankState,
+        ids: list[int],
+        student: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._forward(emb, state, ids, student_probs=student)
+        out = self._forward(emb, state, ids, positions, student_probs=student)
         return combine_classes(out.logits.float()), out.confidence.float()
 
     def _as_prompt(self, probs: torch.Tensor, ids: list[int]) -> torch.Tensor:
@@ -506,8 +540,15 @@ class Assistant:
             return [c for c in ids if c in state.single_component]
         return []
 
-    def _retrieve(self, descriptors: torch.Tensor, state: _BankState) -> torch.Tensor:
+    def _retrieve(
+        self, descriptors: torch.Tensor, state: _BankState, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Top-k templates by descriptor similarity; with a query's relative position in its volume and
+        `options.position_weight` > 0, templates from the same part of their own case are preferred."""
         sim = descriptors.float() @ state.descriptors.float().T
+        w = float(self.options.position_weight)
+        if positions is not None and w > 0 and state.positions is not None and len(state.positions):
+            sim = sim - w * (positions.float()[:, None] - state.positions.float()[None]).abs()
         k = min(self.num_templates, sim.shape[1])
         idx = sim.topk(k, dim=1).indices
         if k < self.num_templates:

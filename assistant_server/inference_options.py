@@ -29,12 +29,17 @@ class InferenceOptions:
     single components (`single_component_classes`), "on" for every class, "off" never.
 
     num_templates: templates retrieved per query (None: the number the model was trained with).
+
+    position_weight: in a volume, retrieval prefers templates from the same relative position in their
+    own case (base … apex): similarity − w·|position difference|. It assumes the volume's slices run in
+    the same direction as the bank's cases (true for one dataset's export; 0 turns it off).
     """
 
     refine_passes: int = 0
     volume_context: float = 0.0
     largest_component: str = "off"
     num_templates: int | None = None
+    position_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= int(self.refine_passes) <= 4:
@@ -45,6 +50,8 @@ class InferenceOptions:
             raise ValueError(f"largest_component must be one of {LCC_MODES}, got {self.largest_component!r}")
         if self.num_templates is not None and not 1 <= int(self.num_templates) <= 32:
             raise ValueError(f"num_templates must be 1-32, got {self.num_templates}")
+        if not 0.0 <= float(self.position_weight) <= 2.0:
+            raise ValueError(f"position_weight must be in [0, 2], got {self.position_weight}")
 
     def to_dict(self) -> dict:
         return asdict(self)

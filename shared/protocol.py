@@ -44,6 +44,9 @@ class AssistCall(BaseModel):
     class_ids: list[int] | None = Field(default=None, max_length=256)
     return_probs: bool = False
     bank_version: int | None = None
+    # The slices are one volume in through-plane order: answered as a whole (Assistant.predict_volume:
+    # neighbouring slices inform each other, components are cleaned in 3D), never mixed with other calls.
+    volume: bool = False
 
 
 class WireSliceResult(BaseModel):
@@ -152,8 +155,9 @@ def encode_call(
     class_ids: list[int] | None = None,
     return_probs: bool = False,
     bank_version: int | None = None,
+    volume: bool = False,
 ) -> tuple[AssistCall, list[bytes]]:
-    """Build a call from numpy arrays (the client side)."""
+    """Build a call from numpy arrays (the client side); `volume`: the slices are one volume, in order."""
     blobs: list[bytes] = []
     n = len(images)
     hashes = hashes or [None] * n
@@ -168,7 +172,11 @@ def encode_call(
             )
         )
     return AssistCall(
-        slices=slices, class_ids=class_ids, return_probs=return_probs, bank_version=bank_version
+        slices=slices,
+        class_ids=class_ids,
+        return_probs=return_probs,
+        bank_version=bank_version,
+        volume=volume,
     ), blobs
 
 

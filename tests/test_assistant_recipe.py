@@ -66,10 +66,18 @@ def test_single_component_classes_and_keep_largest():
 
 
 def test_inference_options_validate_and_round_trip():
-    opts = InferenceOptions(refine_passes=2, volume_context=0.25, largest_component="auto", num_templates=6)
+    opts = InferenceOptions(
+        refine_passes=2, volume_context=0.25, largest_component="auto", num_templates=6, position_weight=0.2
+    )
     assert InferenceOptions.from_dict({**opts.to_dict(), "future_key": 1}) == opts
     assert opts.replace(refine_passes=None, volume_context=0.0).volume_context == 0.0
-    for bad in ({"refine_passes": 9}, {"volume_context": 0.5}, {"largest_component": "yes"}, {"num_templates": 0}):
+    for bad in (
+        {"refine_passes": 9},
+        {"volume_context": 0.5},
+        {"largest_component": "yes"},
+        {"num_templates": 0},
+        {"position_weight": -1},
+    ):
         with pytest.raises(ValueError):
             InferenceOptions(**bad)
 
@@ -139,36 +147,40 @@ def test_refinement_and_volume_paths_shapes(tiny_assistant, synth_dir):
     from assistant_server.inference import SliceInput
 
     a = tiny_assistant
-    image = _volume(synth_dir)
+    image = _volume(synth_dir)[:2]  # every pass runs SAM's full decoder: two slices keep it to seconds
     slices = [SliceInput(image=image[z]) for z in range(len(image))]
     c = len(a.classes)
-    for opts in (
-        InferenceOptions(),
-        InferenceOptions(refine_passes=2, volume_context=0.25, largest_component="on", num_templates=2),
-    ):
-        a.options = opts
-        a.num_templates = opts.num_templates or a.model.config.num_templates
-        a._answers.clear()
+    a.options = InferenceOptions(
+        refine_passes=1, volume_context=0.25, largest_component="on", num_templates=2, position_weight=0.3
+    )
+    a.num_templates = 2
+    a._answers.clear()
+    try:
         outs = a.predict(slices, return_probs=True)
         vol = a.predict_volume(slices, return_probs=True)
         for o in outs + vol:
             assert o.status == "ok" and o.label.shape == image.shape[1:] and o.label.dtype == np.uint8
             assert o.confidence.shape == (c,) and o.probs.shape == (c, *image.shape[1:])
+        for o in outs:  # "on": at most one 2D component per class in a lone slice
+            assert np.array_equal(keep_largest(o.label, list(range(1, c))), o.label)
+        labels3d = np.stack([o.label for o in vol])  # and in 3D for a volume
+        assert np.array_equal(keep_largest(labels3d, list(range(1, c))), labels3d)
         sub = a.predict_volume(slices, class_ids=[2])
         assert set(np.unique(np.stack([o.label for o in sub]))) <= {0, 2}
-    probs = torch.rand(3, 3, 256, 256)
-    assert a._as_prompt(probs, [1, 3]).shape == (3, c, 256, 256)
-    a.options = InferenceOptions()
-    a.num_templates = a.model.config.num_templates
+        assert np.isnan(sub[0].confidence[1]) and np.isfinite(sub[0].confidence[2])
+        assert a._as_prompt(torch.rand(3, 3, 256, 256), [1, 3]).shape == (3, c, 256, 256)
+    finally:
+        a.options = InferenceOptions()
+        a.num_templates = a.model.config.num_templates
 
 
 def test_volume_with_unknown_hash_is_a_miss(tiny_assistant, synth_dir):
     from assistant_server.inference import SliceInput
 
     image = _volume(synth_dir)
-    slices = [SliceInput(image=image[0]), SliceInput(slice_hash="0" * 32), SliceInput(image=image[1])]
+    slices = [SliceInput(image=image[0]), SliceInput(slice_hash="0" * 32)]
     outs = tiny_assistant.predict_volume(slices)
-    assert [o.status for o in outs] == ["ok", "miss", "ok"]
+    assert [o.status for o in outs] == ["ok", "miss"]
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -224,3 +236,19 @@ def test_recipe_runs_unchanged_on_a_binary_dataset(synth_dir, tmp_path):
     assert set(report["ranking"]["templates"]) == {"spearman", "spearman_per_class", "reliability"}
     # a rerun reuses the bank and resumes (nothing left to train)
     assert run_recipe(s) == ckpt
+
+
+def test_position_aware_retrieval(tiny_assistant):
+    a = tiny_assistant
+    st = a.bank_state()
+    assert st.positions.shape == (len(a.bank),) and 0 <= float(st.positions.min()) <= float(st.positions.max()) <= 1
+    desc = st.descriptors.mean(0, keepdim=True).repeat(2, 1)
+    try:
+        a.options = InferenceOptions(position_weight=2.0)
+        idx = a._retrieve(desc, st, torch.tensor([0.0, 1.0]))
+        assert float(st.positions[idx[0]].mean()) < 0.3 and float(st.positions[idx[1]].mean()) > 0.7
+        a.options = InferenceOptions()
+        plain = a._retrieve(desc, st, torch.tensor([0.0, 1.0]))
+        assert torch.equal(plain[0], plain[1])  # without the weight the position is ignored
+    finally:
+        a.options = InferenceOptions()
