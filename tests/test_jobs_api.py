@@ -18,7 +18,7 @@ from assistant_server.client import AssistantAPIError, AssistantClient
 from services.labeling.outputs import read_records
 from tests.conftest import SERVE_TEST_ARGS, SMALL, _wait_ready, copy_bank, start_dispatcher
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 N_CASES = 6
 
@@ -61,7 +61,7 @@ def jobs_service(serve_app, tiny_bank, tmp_path_factory, synth_dir):
     redis_server.stop()
 
 
-def _wait_final(client: AssistantClient, job_id: str, timeout: float = 240) -> dict:
+def _wait_final(client: AssistantClient, job_id: str, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.job(job_id)
@@ -118,7 +118,7 @@ def test_cancel_stops_the_job_and_keeps_finished_outputs(jobs_service, synth_dir
     _write_cases(synth_dir, jobs_service["root"] / "to-cancel", flip_axis=0)
     client = AssistantClient(jobs_service["url"])
     job_id = client.label_dataset("to-cancel", cases_in_flight=1, batch_slices=1, max_in_flight=1)["job_id"]
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     while client.job(job_id)["counts"]["labeled"] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.1)
@@ -145,7 +145,7 @@ def test_runner_actor_killed_is_restarted_and_finishes_without_relabeling(jobs_s
     client = AssistantClient(jobs_service["url"])
     job_id = client.label_dataset("to-kill", cases_in_flight=1, batch_slices=1, max_in_flight=1)["job_id"]
     out = Path(jobs_service["out"]) / job_id
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     while len(read_records(out)) < 1:
         assert time.monotonic() < deadline
         time.sleep(0.1)
