@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1800)  # device_run's smallest form takes about 4 minutes on a quiet 2-core machine
 def test_device_run_smallest_form(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(

@@ -87,6 +87,9 @@ class Item:
             except subprocess.TimeoutExpired:
                 _stop(proc)
                 rc = 124
+            except BaseException:  # interrupted or terminated: leave nothing running behind
+                _stop(proc)
+                raise
         self.steps.append(
             {"step": name, "rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": str(log)}
         )
@@ -576,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         "--assistant", type=Path, default=None, help="vessa-N: a recipe folder (bank/, assistant.pt) to use"
     )
     args = p.parse_args(argv)
+    # SIGTERM (a caller's timeout) unwinds like Ctrl-C, so every step's process group is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = items()
     if args.item == "list":
         print("\n".join(names))
