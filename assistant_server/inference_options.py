@@ -18,7 +18,7 @@ class InferenceOptions:
     """refine_passes: decoder passes after the first that take the previous pass's probabilities as the
     dense (student) prompt, for slices that came without a student prompt: the assistant corrects its
     own templates-only answer as Stage-1 taught it to correct a noisy student. Decoder only: the
-    slice's embedding is reused.
+    slice's embedding is reused. The reported confidence is the first pass's (it ranks cases better).
 
     volume_context: in a volume (`Assistant.predict_volume`), the weight of each neighbouring slice
     (z-1, z+1) in the refinement prompt of slice z (the slice itself keeps 1 - 2·w); 0 prompts each
