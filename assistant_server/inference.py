@@ -298,22 +298,8 @@ class Assistant:
         bank_version: int | None = None,
     ) -> list[SliceOutput]:
         """Pseudo-label a batch of slices; see the module docstring."""
-        ids = self._check_class_ids(class_ids)
-        state = self.bank_state()
-        if bank_version is not None and int(bank_version) != state.version:
-            raise BankVersionError(
-                f"bank version {bank_version} does not exist any more: this assistant serves version {state.version}"
-            )
-        if len(state.keys) == 0:
-            raise AssistantInputError("the template bank is empty: add templates first")
+        ids, state = self._checked_request(slices, class_ids, bank_version)
         num_classes = len(self.classes)
-        for i, s in enumerate(slices):
-            if s.student_probs is not None and (
-                s.student_probs.ndim != 3 or s.student_probs.shape[0] != num_classes
-            ):
-                raise AssistantInputError(
-                    f"slice {i}: student probabilities must have shape (C={num_classes}, H, W), got {tuple(s.student_probs.shape)}"
-                )
         hashes, embs, shapes = self.embeddings(slices)
         outputs: list[SliceOutput | None] = [None] * len(slices)
         for i, e in enumerate(embs):
@@ -351,16 +337,7 @@ class Assistant:
             emb = torch.stack([embs[i] for i in group])
             student = None
             if slices[group[0]].student_probs is not None:
-                student = torch.stack(
-                    [
-                        resize_probs(
-                            torch.as_tensor(np.asarray(slices[i].student_probs, np.float32))[None].to(
-                                self.device
-                            )
-                        )[0]
-                        for i in group
-                    ]
-                )
+                student = torch.stack([self._student_map(slices[i].student_probs) for i in group])
             probs, conf = self._decode(emb, state, ids, student)
             for j, i in enumerate(group):
                 outputs[i] = self._finish(
@@ -375,6 +352,33 @@ class Assistant:
             self._stats["batches"] += 1
         return outputs  # type: ignore[return-value]
 
+    def _checked_request(
+        self, slices: list[SliceInput], class_ids: list[int] | None, bank_version: int | None = None
+    ) -> tuple[list[int], _BankState]:
+        """The checks every prediction makes before any work: class subset, pinned bank version, a
+        non-empty bank, student maps of shape (C, H, W). Returns the class ids and the bank state."""
+        ids = self._check_class_ids(class_ids)
+        state = self.bank_state()
+        if bank_version is not None and int(bank_version) != state.version:
+            raise BankVersionError(
+                f"bank version {bank_version} does not exist any more: this assistant serves version {state.version}"
+            )
+        if len(state.keys) == 0:
+            raise AssistantInputError("the template bank is empty: add templates first")
+        num_classes = len(self.classes)
+        for i, s in enumerate(slices):
+            if s.student_probs is not None and (
+                s.student_probs.ndim != 3 or s.student_probs.shape[0] != num_classes
+            ):
+                raise AssistantInputError(
+                    f"slice {i}: student probabilities must have shape (C={num_classes}, H, W), got {tuple(s.student_probs.shape)}"
+                )
+        return ids, state
+
+    def _student_map(self, probs: np.ndarray) -> torch.Tensor:
+        """A student's (C, H', W') probabilities → (C, 256, 256) float32 on the device."""
+        return resize_probs(torch.as_tensor(np.asarray(probs, np.float32))[None].to(self.device))[0]
+
     def predict_volume(
         self,
         slices: list[SliceInput],
@@ -388,20 +392,10 @@ class Assistant:
         runs in 3D. Slices with a student prompt keep it and are not refined. A slice whose hash the cache
         does not know comes back as a miss, and the volume is answered without it.
         """
-        ids = self._check_class_ids(class_ids)
-        state = self.bank_state()
-        if len(state.keys) == 0:
-            raise AssistantInputError("the template bank is empty: add templates first")
+        ids, state = self._checked_request(slices, class_ids)
         if not slices:
             return []
         num_classes = len(self.classes)
-        for i, s in enumerate(slices):
-            if s.student_probs is not None and (
-                s.student_probs.ndim != 3 or s.student_probs.shape[0] != num_classes
-            ):
-                raise AssistantInputError(
-                    f"slice {i}: student probabilities must have shape (C={num_classes}, H, W), got {tuple(s.student_probs.shape)}"
-                )
         hashes, embs, shapes = self.embeddings(slices)
         outputs: list[SliceOutput | None] = [
             SliceOutput(status="miss", slice_hash=h) if e is None else None for h, e in zip(hashes, embs)
@@ -414,7 +408,7 @@ class Assistant:
         student = [
             None
             if slices[i].student_probs is None
-            else resize_probs(torch.as_tensor(np.asarray(slices[i].student_probs, np.float32))[None].to(self.device))[0]
+            else self._student_map(slices[i].student_probs)
             for i in present
         ]
         self._sync()
