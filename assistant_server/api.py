@@ -36,12 +36,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from assistant_server.routes import jobs as jobs_routes
+from assistant_server.routes import review as review_routes
+from assistant_server.routes import ui as ui_routes
 from assistant_server.volume_io import UploadedVolume, VolumeError, read_upload, write_like
 from shared.config import VessaSettings
 from shared.protocol import AssistReply, Limits, encode_call, probabilities
 from shared.wire import WireError, check_finite, decode_array, read_npy, write_npy
 
-OPEN_PATHS = {"/healthz", "/readyz"}
+OPEN_PATHS = {"/healthz", "/readyz", *ui_routes.OPEN_PATHS}  # the page is only the login form without a token
 
 
 class ApiSettings(VessaSettings):
@@ -237,6 +239,8 @@ app = FastAPI(
 )
 app.add_middleware(GuardMiddleware)
 app.include_router(jobs_routes.router)
+app.include_router(review_routes.router)
+app.include_router(ui_routes.router)
 
 registry = CollectorRegistry()
 m_requests = Counter("vessa_http_requests_total", "HTTP requests", ["route", "status"], registry=registry)
@@ -251,6 +255,7 @@ m_slices = Counter("vessa_http_slices_total", "slices pseudo-labeled over REST",
 m_rate = Gauge("vessa_slices_per_second", "slices per second over the last minute (REST)", registry=registry)
 m_queue = Gauge("vessa_request_stream_depth", "entries in the Redis request stream", registry=registry)
 m_pending = Gauge("vessa_request_stream_pending", "entries delivered but not acknowledged", registry=registry)
+m_bulk = Gauge("vessa_bulk_stream_depth", "entries in the labeling jobs' stream (the bulk lane)", registry=registry)
 m_batch = Gauge(
     "vessa_replica_batch_count", "assistant batches by size (one replica's view)", ["size"], registry=registry
 )
@@ -576,16 +581,19 @@ async def get_metrics():
     except Exception:
         pass
     if RUNTIME.settings.redis_url:
-        await asyncio.to_thread(_queue_depth, RUNTIME.settings, m_queue, m_pending)
+        await asyncio.to_thread(_queue_depth, RUNTIME.settings, m_queue, m_pending, m_bulk)
     return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
 
-def _queue_depth(settings: ApiSettings, depth: Gauge, pending: Gauge) -> None:
+def _queue_depth(settings: ApiSettings, depth: Gauge, pending: Gauge, bulk: Gauge) -> None:
     try:
         import redis
 
+        from shared.stream_messages import BULK_STREAM
+
         r = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
         depth.set(r.xlen(settings.request_stream))
+        bulk.set(r.xlen(BULK_STREAM))
         groups = r.xinfo_groups(settings.request_stream)
         pending.set(sum(g["pending"] for g in groups))
     except Exception:

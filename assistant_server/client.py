@@ -183,7 +183,8 @@ class AssistantClient:
         self, data: str, cases=None, selection: str = "unlabeled", classes=None, **options
     ) -> dict:
         """Start a job over the dataset `data` (relative to the service's data root) → {job_id, state,
-        data, out}. options: batch_slices, max_in_flight, cases_in_flight."""
+        data, out}. options: probs (also write per-class probabilities), batch_slices, max_in_flight,
+        cases_in_flight."""
         body = _job_request(data, cases, selection, classes, **options)
         return _check(self.http.post("/v1/jobs", json=body)).json()
 
@@ -211,6 +212,26 @@ class AssistantClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
             time.sleep(poll_s)
+
+    # review (docs/review.md)
+    def job_cases(self, job_id: str) -> dict:
+        """The job's cases, least trusted first, with review states."""
+        return _check(self.http.get(f"/v1/jobs/{job_id}/cases")).json()
+
+    def review_case(self, job_id: str, case_id: str, state: str, comment: str = "") -> dict:
+        """state: approved, rejected or flagged."""
+        body = {"state": state, "comment": comment}
+        return _check(self.http.post(f"/v1/jobs/{job_id}/cases/{case_id}/review", json=body)).json()
+
+    def upload_label(self, job_id: str, case_id: str, nifti: bytes | str, comment: str = "") -> dict:
+        """A corrected label map (NIfTI bytes or a path) for the case: its next reviewed version."""
+        data = nifti if isinstance(nifti, bytes) else open(nifti, "rb").read()
+        files = {"file": ("label.nii.gz", data, "application/gzip")}
+        return _check(self.http.post(f"/v1/jobs/{job_id}/cases/{case_id}/label", files=files, data={"comment": comment})).json()
+
+    def add_job_to_bank(self, job_id: str, cases: list[str] | None = None) -> dict:
+        """Approved and corrected cases of the job into the template bank → {added, skipped, bank_version}."""
+        return _check(self.http.post(f"/v1/jobs/{job_id}/bank", json={"cases": cases} if cases else {})).json()
 
     def close(self) -> None:
         self.http.close()

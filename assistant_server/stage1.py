@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from assistant_server.bank import TemplateBank
@@ -68,9 +68,20 @@ class Stage1Settings(VessaSettings):
     log_every: int = 10
     resume: bool = False
     threads: int | None = None
-    cpu_bf16: bool = False  # bf16 autocast on the CPU (about 2x faster where the CPU has AVX512-BF16/AMX)
+    # bf16 autocast on the CPU: about 2x faster where the CPU has native bf16 kernels (AVX512/AMX), but
+    # many times slower where it has not (AVX2 only). "auto": on where it is fast (precision.cpu_bf16_fast)
+    cpu_bf16: bool = False
     # How the checkpoint is to be served (assistant_server/inference_options.py), stored in it
     inference: dict = Field(default_factory=dict)
+
+    @field_validator("cpu_bf16", mode="before")
+    @classmethod
+    def _auto_bf16(cls, v):
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            from assistant_server.precision import cpu_bf16_fast
+
+            return cpu_bf16_fast()
+        return v
 
 
 def _loss(

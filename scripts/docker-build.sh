@@ -9,7 +9,7 @@
 #
 # 1. wheelhouse: vessa/ holds VESSA's own wheel (rebuilt every time), deps/ every pinned dependency
 #    (`pip download --only-binary=:all: -c deploy/docker/constraints.txt`; redone only when the
-#    constraints or pyproject.toml change). The image installs from it with `--no-index`.
+#    constraints or the runtime dependencies in pyproject.toml change). The image installs from it with `--no-index`.
 # 2. base image: for the CPU image, vessa-base:bookworm is made with debootstrap when missing.
 # 3. `docker build` with BuildKit (the wheelhouse is bind-mounted into the install step, not copied).
 set -euo pipefail
@@ -48,7 +48,9 @@ mkdir -p "$WHEELHOUSE/deps" "$WHEELHOUSE/vessa"
 rm -f "$WHEELHOUSE"/vessa/vessa-*.whl
 "$PY" -m pip wheel -q --no-deps -w "$WHEELHOUSE/vessa" . 2>&1 | grep -v -E "^\s*$|!!|corresp|warn" || true
 ls "$WHEELHOUSE"/vessa/vessa-*.whl >/dev/null
-want=$(cat "$CONSTRAINTS" pyproject.toml | sha256sum | cut -d' ' -f1)
+# keyed on what decides the wheel set: the constraints and VESSA's runtime dependencies (not its dev
+# extras, package data or version)
+want=$({ cat "$CONSTRAINTS"; "$PY" -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'])"; } | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$WHEELHOUSE/deps/.stamp" 2>/dev/null)" != "$want" ]; then
   echo "filling $WHEELHOUSE/deps (pip download of the pinned dependencies)…" >&2
   rm -f "$WHEELHOUSE"/deps/*.whl

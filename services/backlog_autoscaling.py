@@ -27,7 +27,7 @@ import time
 import weakref
 from typing import Any
 
-from shared.stream_messages import GROUP, REQUEST_STREAM
+from shared.stream_messages import BULK_STREAM, GROUP, REQUEST_STREAM
 
 log = logging.getLogger("vessa.autoscaling")
 
@@ -67,7 +67,8 @@ def _poll(reading: _BacklogReading, url: str, stream: str, group: str, interval_
     warned = False
     while not reading.stop.is_set():
         try:
-            value = stream_backlog(client, stream, group)
+            # the labeling jobs' lane counts too: a large job is a reason for more replicas
+            value = stream_backlog(client, stream, group) + stream_backlog(client, BULK_STREAM, group)
             with reading.lock:
                 reading.value, reading.at = value, time.monotonic()
             warned = False

@@ -235,6 +235,9 @@ def dispatcher_cmd(
     app_name: str = typer.Option("vessa", help="Serve application name"),
     consumer: str | None = typer.Option(None, help="consumer name in the group (default host-pid)"),
     max_inflight: int | None = typer.Option(None, help="calls in flight to the assistant"),
+    bulk_max_inflight: int | None = typer.Option(
+        None, help="of those, labeling-job calls (the bulk lane, read only when trainers wait for nothing)"
+    ),
     claim_idle_ms: int | None = typer.Option(
         None, help="reclaim entries pending on a dead consumer after this"
     ),
@@ -250,6 +253,7 @@ def dispatcher_cmd(
         "app_name": app_name,
         "consumer": consumer,
         "max_inflight": max_inflight,
+        "bulk_max_inflight": bulk_max_inflight,
         "claim_idle_ms": claim_idle_ms,
         "max_attempts": max_attempts,
     }

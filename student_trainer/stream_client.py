@@ -78,6 +78,8 @@ class _Pending:
     t0: float
     labels: list[np.ndarray | None] = field(default_factory=list)
     confidence: list[np.ndarray | None] = field(default_factory=list)
+    return_probs: bool = False  # ask for the assistant's per-class probabilities too
+    out_probs: list[np.ndarray | None] = field(default_factory=list)  # (C, H, W) uint8 p·255 each
     parent: str | None = None  # for a resend: the request it completes
     children: dict[str, list[int]] = field(default_factory=dict)  # resend id → slice positions
     resent: int = 0
@@ -201,8 +203,10 @@ class AsyncStreamClient:
         class_ids: list[int] | None = None,
         request_id: str | None = None,
         deadline_s: float | None = None,
+        return_probs: bool = False,
     ) -> str:
         """images: (B, H, W) uint8 canonical slices; probs: (B, C, H, W) uint8 (p·255) or float, or None.
+        `return_probs`: the result's `probs` holds the assistant's (B, C, H, W) uint8 p·255 as well.
         Waits while `max_in_flight` requests are out; raises QueueFullError when Redis is full."""
         await self._slots.acquire()
         rid = request_id or new_request_id()
@@ -211,6 +215,8 @@ class AsyncStreamClient:
         p = _Pending(images, hashes, probs, class_ids, loop.create_future(), time.perf_counter())
         p.labels = [None] * len(images)
         p.confidence = [None] * len(images)
+        p.return_probs = return_probs
+        p.out_probs = [None] * len(images)
         self._pending[rid] = p
         try:
             await self._send(rid, list(range(len(images))), p, allow_hash=self.send_hashes)
@@ -230,7 +236,7 @@ class AsyncStreamClient:
             hs.append(p.hashes[i])
             self.stats["hash_only_slices"] += int(hash_only)
         prob_list = [p.probs[i] for i in positions] if p.probs is not None else None
-        call, blobs = encode_call(imgs, hs, prob_list, class_ids=p.class_ids)
+        call, blobs = encode_call(imgs, hs, prob_list, class_ids=p.class_ids, return_probs=p.return_probs)
         env = RequestEnvelope(
             request_id=rid,
             trainer_id=self.trainer_id,
@@ -334,6 +340,8 @@ class AsyncStreamClient:
             root.confidence[pos] = np.array(
                 [np.nan if v is None else v for v in s.confidence], dtype=np.float32
             )
+            if root.return_probs and s.probs is not None:
+                root.out_probs[pos] = decode_array(s.probs, blobs)
         root.meta = {"model_version": reply.model_version, "bank_version": reply.bank_version}
         if missing:
             # The assistant did not have those embeddings: resend the slices with their pixels.
@@ -357,6 +365,7 @@ class AsyncStreamClient:
                 root.class_ids,
                 root.future,
                 time.perf_counter(),
+                return_probs=root.return_probs,
             )
             await self._send(child, list(range(len(missing))), sub, allow_hash=False)
             return
@@ -369,6 +378,7 @@ class AsyncStreamClient:
                 "ok",
                 labels=np.stack(root.labels),
                 confidence=np.stack(root.confidence),
+                probs=np.stack(root.out_probs) if root.return_probs and all(x is not None for x in root.out_probs) else None,
                 model_version=root.meta.get("model_version", ""),
                 bank_version=root.meta.get("bank_version", -1),
                 latency_s=time.perf_counter() - root.t0,

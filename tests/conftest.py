@@ -92,6 +92,11 @@ def serve_app(tiny_bank, tmp_path_factory):
     bank = copy_bank(tiny_bank, tmp_path_factory.mktemp("served") / "bank")
     auth_bank = copy_bank(tiny_bank, tmp_path_factory.mktemp("served_auth") / "bank")
     port = free_port()
+    # On a loaded 2-core machine the proxy's readiness check (5 s by default) can time out again and
+    # again: the controller then kills and restarts the proxy and serve.start fails. The env reaches the
+    # controller: this driver starts the local Ray instance.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deployments = {"VessaAssistant": dict(ASSISTANT_TEST_OPTIONS), "VessaIngress": dict(SMALL)}

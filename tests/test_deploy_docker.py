@@ -200,15 +200,12 @@ def test_compose_cpu_end_to_end(tmp_path):
             f"--num-cpus 2 --object-store-memory 300000000 --ray-client-server-port {client_port} "
             f"--dashboard-agent-listen-port {agent_port}"
         ),
-        # small demo data: 4 synthetic cases, a bank of 1 labeled patient (LiteMedSAM on CPU). The 4
-        # cases hold 2 training patients, so the bank can take only 1, and Stage-1 refuses a bank of one
-        # patient ("needs labeled exemplars from at least two patients"): serve the pretrained
-        # weights here (ASSISTANT_CKPT below) rather than train.
-        VESSA_SYNTH_CASES="4",
-        VESSA_BANK_LABELED="1",
-        ASSISTANT_CKPT="pretrained",
-        # no checkpoint on the models volume: a very short Stage-1 before serving (the override's
-        # default is the demo's 200 steps)
+        # small demo data: 6 synthetic cases (4 training patients, 2 validation volumes), a bank of the
+        # first 2 patients (LiteMedSAM on CPU; Stage-1 needs exemplars from two patients at least)
+        VESSA_SYNTH_CASES="6",
+        VESSA_BANK_LABELED="2",
+        # no checkpoint on the models volume: the entrypoint trains a very short Stage-1 before
+        # serving (the override's default is the demo's 200 steps), never serving untrained parts
         VESSA_STAGE1_ARGS="--steps 4 --batch-size 1 --device cpu",
         LABEL_ARGS="--no-progress",
         TRAIN_ARGS=(
@@ -217,7 +214,7 @@ def test_compose_cpu_end_to_end(tmp_path):
             "--set batch_size=4 --set labeled_bs=2 --set data.image_size=64"
         ),
     )
-    for var in ("VESSA_REDIS_URL", "ASSISTANT_REPLICAS", "SERVE_CONFIG", "TRAIN_CONFIG"):
+    for var in ("VESSA_REDIS_URL", "ASSISTANT_REPLICAS", "SERVE_CONFIG", "TRAIN_CONFIG", "ASSISTANT_CKPT"):
         env.pop(var, None)
     # 1-3 replicas following the Redis backlog: one fits the head beside the ingress, the next goes to
     # the `workers` container started below
@@ -230,6 +227,11 @@ def test_compose_cpu_end_to_end(tmp_path):
         _run(compose + ["up", "-d", "redis", "assistant"], env=env, timeout=600)
         _wait_ready(url, compose, env)
         timings["up_to_ready_s"] = round(time.monotonic() - t_up, 1)
+        # what is served is the Stage-1 checkpoint the entrypoint trained, on the models volume
+        alog = _run(compose + ["logs", "--no-color", "assistant"], env=env, capture=True)
+        assert "Stage-1 done: /models/assistant.pt" in alog.stdout + alog.stderr, (alog.stdout + alog.stderr)[-2000:]
+        models = _run(compose + ["exec", "-T", "assistant", "ls", "/models"], env=env, capture=True).stdout.split()
+        assert "assistant.pt" in models, models
 
         # One canonical slice of a case the assistant container generated, as a REST client sends it.
         case = _run(
@@ -292,18 +294,22 @@ def test_compose_cpu_end_to_end(tmp_path):
         _run(compose + ["--profile", "label", "run", "--rm", "label"], env=dict(env, LABEL_OUTPUT=str(labels)), timeout=1800)
         timings["label_job_s"] = round(time.monotonic() - t_lb, 1)
         manifest = json.loads((labels / "labels.json").read_text())
-        assert manifest["counts"]["ok"] == manifest["counts"]["cases"] == 4, manifest["counts"]
+        assert manifest["counts"]["ok"] == manifest["counts"]["cases"] == 6, manifest["counts"]
         src = nib.load(str(tmp_path / case))
         lab = nib.load(str(labels / "labels" / case.replace("_0000", "")))
         assert lab.shape == src.shape and np.allclose(lab.affine, src.affine)
         # The same job through REST: the service's runner actor, outputs under /data/vessa-labels/<id>
         client = AssistantClient(url, timeout=60)
-        job = client.label_dataset("synth", selection="all")
+        t_rj = time.monotonic()
+        job = client.label_dataset("synth", selection="all", probs=True)
         done = client.wait_job(job["job_id"], timeout=1800, poll_s=2)
+        timings["rest_job_s"] = round(time.monotonic() - t_rj, 1)
+        ranking = client.job_ranking(job["job_id"])
         client.close()
-        assert done["state"] == "done" and done["counts"]["labeled"] == 4, done
-        listing = _run(compose + ["exec", "-T", "assistant", "ls", f"{job['out']}/labels"], env=env, capture=True).stdout.split()
-        assert len(listing) == 4, listing
+        assert done["state"] == "done" and done["counts"]["labeled"] == 6, done
+        listing = _run(compose + ["exec", "-T", "assistant", "ls", f"{job['out']}/labels", f"{job['out']}/probs"], env=env, capture=True).stdout.split()
+        assert sum(x.endswith(".nii.gz") for x in listing) == 12, listing  # 6 label maps + 6 probability maps
+        assert len(ranking["ranking"]) == 6, ranking
         ok = True
     finally:
         if not ok:

@@ -119,6 +119,18 @@ def test_job_labels_every_case_in_the_input_geometry_and_reports_the_corrupt_one
     third = run_label_job(LabelJob(changed, out), redis_server.url)
     assert (third.labeled, third.skipped) == (1, N_GOOD - 1)
 
+    # --probs: cases labeled without probabilities are not done for a job that asks for them
+    fourth = run_label_job(LabelJob(changed, out, probs=True, batch_slices=4), redis_server.url)
+    assert (fourth.labeled, fourth.skipped) == (N_GOOD, 0)
+    for case in _good_cases(changed):
+        src = nib.load(changed / f"{case}.nii.gz")
+        probs = nib.load(out / "probs" / f"{case}.nii.gz")
+        assert probs.shape == (*src.shape, 4)  # background + 3 classes on the 4th axis
+        assert np.allclose(probs.affine, src.affine) and probs.get_data_dtype() == np.uint8
+        assert np.asanyarray(probs.dataobj).max() > 0
+        assert read_records(out)[case].probs_output == f"probs/{case}.nii.gz"
+    assert run_label_job(LabelJob(changed, out, probs=True), redis_server.url).skipped == N_GOOD
+
 
 def _label_cli(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(

@@ -63,6 +63,7 @@ class JobCreate(BaseModel):
     cases: list[str] | None = Field(default=None, max_length=100_000, description="case ids (default: the selection)")
     selection: Literal["unlabeled", "all"] = "unlabeled"
     classes: list[int] | None = Field(default=None, max_length=255, description="class indices (default: every class)")
+    probs: bool = Field(False, description="also write per-class probabilities (OUT/probs/<case>.nii.gz, 4D uint8 p·255)")
     batch_slices: int = Field(8, ge=1, le=64)
     max_in_flight: int = Field(4, ge=1, le=64, description="this job's requests on the stream at once")
     cases_in_flight: int = Field(3, ge=1, le=32)
@@ -150,6 +151,7 @@ def _spec(body: JobCreate, job_id: str) -> JobSpec:
         cases=body.cases,
         selection=body.selection,
         class_ids=body.classes,
+        probs=body.probs,
         batch_slices=body.batch_slices,
         max_in_flight=body.max_in_flight,
         cases_in_flight=body.cases_in_flight,
@@ -193,7 +195,7 @@ async def get_jobs(limit: int = 100) -> JobList:
     return JobList(jobs=jobs)
 
 
-async def _load(job_id: str) -> JobState:
+async def load_or_404(job_id: str) -> JobState:
     job = await asyncio.to_thread(load_job, _redis(), _job_id(job_id))
     if job is None:
         raise _bad("no such job", 404)
@@ -202,7 +204,7 @@ async def _load(job_id: str) -> JobState:
 
 @router.get("/{job_id}", response_model=JobState, summary="A job's state, counts, errors and rate", responses=_errors(401, 404))
 async def get_job(job_id: str) -> JobState:
-    job = await _load(job_id)
+    job = await load_or_404(job_id)
     job.ranking = None
     return job
 
@@ -210,7 +212,7 @@ async def get_job(job_id: str) -> JobState:
 @router.delete("/{job_id}", status_code=202, response_model=JobState, summary="Cancel a job (finished outputs stay)", responses=_errors(401, 404))
 async def cancel_job(job_id: str) -> JobState:
     r = _redis()
-    job = await _load(job_id)
+    job = await load_or_404(job_id)
     if job.state not in FINAL:
         await asyncio.to_thread(request_cancel, r, job.job_id)
     job.ranking = None
@@ -219,7 +221,7 @@ async def cancel_job(job_id: str) -> JobState:
 
 @router.get("/{job_id}/ranking", response_model=Ranking, summary="Cases from least to most trusted", responses=_errors(401, 404, 409))
 async def job_ranking(job_id: str) -> Ranking:
-    job = await _load(job_id)
+    job = await load_or_404(job_id)
     if job.ranking is None:
         raise _bad(f"the job is {job.state}: its ranking is written when it ends", 409)
     return Ranking(job_id=job.job_id, state=job.state, ranking=job.ranking)

@@ -111,6 +111,7 @@ class LabelJobActor:
             cases=spec.cases,
             selection=spec.selection,
             class_ids=spec.class_ids,
+            probs=spec.probs,
             batch_slices=spec.batch_slices,
             max_in_flight=spec.max_in_flight,
             cases_in_flight=spec.cases_in_flight,

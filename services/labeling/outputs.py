@@ -2,6 +2,7 @@
 
     OUT/
       labels/<case>.nii.gz      uint8 label map in the input's geometry (affine and header kept)
+      probs/<case>.nii.gz       with --probs: 4D uint8, per-class probability ·255 (background first)
       records/<case>.json       one record per case: the resume truth (see CaseRecord)
       labels.json, labels.csv   the manifest: the job and every record, rebuilt from records/
 
@@ -46,11 +47,15 @@ class CaseRecord(BaseModel):
     input: str
     input_sha256: str | None = None
     output: str | None = None  # relative to OUT
+    probs_output: str | None = None  # relative to OUT, with --probs
     slices: int = 0
     shape: list[int] | None = None
     spacing: list[float] | None = None
     classes: dict[str, ClassStats] = Field(default_factory=dict)
     confidence: float | None = None  # the case's trust: mean over its classes' confidence_mean
+    # per slice (through-plane order) and class (background first): the assistant's confidence, None
+    # where a class was not asked for
+    slice_confidence: list[list[float | None]] | None = None
     model_version: str = ""
     bank_version: int = -1
     seconds: float = 0.0
@@ -84,7 +89,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def remove_partials(out: Path) -> int:
     """Delete temporary files a killed run left behind; returns how many."""
     n = 0
-    for folder in (out, out / "labels", out / "records"):
+    for folder in (out, out / "labels", out / "probs", out / "records"):
         if folder.is_dir():
             for p in folder.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
@@ -94,6 +99,10 @@ def remove_partials(out: Path) -> int:
 
 def label_path(out: Path, case_id: str) -> Path:
     return out / "labels" / f"{safe_name(case_id)}.nii.gz"
+
+
+def probs_path(out: Path, case_id: str) -> Path:
+    return out / "probs" / f"{safe_name(case_id)}.nii.gz"
 
 
 def record_path(out: Path, case_id: str) -> Path:
@@ -119,8 +128,11 @@ def read_records(out: Path) -> dict[str, CaseRecord]:
     return recs
 
 
-def is_done(rec: CaseRecord | None, out: Path, sha: str, model_version: str, bank_version: int) -> bool:
-    """A case needs no new label: same input bytes, same model and bank, and its label file is there."""
+def is_done(
+    rec: CaseRecord | None, out: Path, sha: str, model_version: str, bank_version: int, probs: bool = False
+) -> bool:
+    """A case needs no new label: same input bytes, same model and bank, and its label file is there
+    (and its probabilities file, when they are asked for)."""
     return (
         rec is not None
         and rec.status == "ok"
@@ -129,10 +141,11 @@ def is_done(rec: CaseRecord | None, out: Path, sha: str, model_version: str, ban
         and rec.bank_version == bank_version
         and rec.output is not None
         and (out / rec.output).is_file()
+        and (not probs or (rec.probs_output is not None and (out / rec.probs_output).is_file()))
     )
 
 
-CSV_COLUMNS = ["case_id", "status", "confidence", "slices", "seconds", "model_version", "bank_version", "input", "input_sha256", "output", "error"]
+CSV_COLUMNS = ["case_id", "status", "confidence", "slices", "seconds", "model_version", "bank_version", "input", "input_sha256", "output", "error", "probs_output"]
 
 
 def write_manifest(out: Path, job: dict, records: dict[str, CaseRecord]) -> dict:

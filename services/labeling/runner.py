@@ -7,9 +7,10 @@ Overlap: `cases_in_flight` cases are worked on at once, each read (and hashed) i
 requests of `batch_slices` canonical slices, and written in a thread when its answers are in; so
 reading and writing volumes happen while other cases' slices are being inferred.
 
-Fairness: the job never has more than `max_in_flight` requests on the stream (the client's
-backpressure), so a trainer's request waits behind at most `max_in_flight × batch_slices` of the job's
-slices, however large the job (docs/jobs.md, "Sharing a service").
+Fairness: the job's requests go to the bulk stream (`vessa:requests:bulk`), which the dispatcher reads
+only when the trainers' request stream has nothing waiting, with at most `bulk_max_inflight` calls in
+flight over all jobs; and the job never has more than `max_in_flight` requests queued (the client's
+backpressure), however large (docs/jobs.md, "Sharing a service").
 
 Resume: before any work, one probe request learns the service's model and bank versions; a case whose
 record says ok for the same input hash, model and bank version (and whose label file exists) is
@@ -34,6 +35,7 @@ from services.labeling.outputs import (
     ClassStats,
     is_done,
     label_path,
+    probs_path,
     read_records,
     remove_partials,
     write_atomic,
@@ -41,9 +43,10 @@ from services.labeling.outputs import (
     write_record,
 )
 from shared.canonical import canonical_slices
-from shared.data.nifti import label_to_nifti_bytes
-from shared.data.resize import resize_label
+from shared.data.nifti import label_to_nifti_bytes, nifti_to_bytes, probs_to_nifti
+from shared.data.resize import resize_image, resize_label
 from shared.hashing import file_sha256
+from shared.stream_messages import BULK_STREAM
 
 log = logging.getLogger("vessa.label")
 
@@ -55,10 +58,12 @@ class LabelJob:
     cases: list[str] | None = None
     selection: str = "unlabeled"  # or "all"
     class_ids: list[int] | None = None
+    probs: bool = False  # also write per-class probabilities (4D uint8 NIfTI, p·255) under OUT/probs
     batch_slices: int = 8
     max_in_flight: int = 4
     cases_in_flight: int = 3
     request_timeout_s: float = 900.0
+    request_stream: str = BULK_STREAM  # the dispatcher's low-priority lane
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
@@ -132,6 +137,7 @@ class LabelRunner:
             "data": str(j.data),
             "selection": j.selection if not j.cases else "cases",
             "class_ids": j.class_ids,
+            "probs": j.probs,
             "model_version": self.summary.model_version,
             "bank_version": self.summary.bank_version,
         }
@@ -154,7 +160,9 @@ class LabelRunner:
                 else f"no cases in {j.data}"
             )
         self.records = read_records(out)
-        client = AsyncStreamClient(self.redis_url, f"label-{j.job_id}", max_in_flight=j.max_in_flight)
+        client = AsyncStreamClient(
+            self.redis_url, f"label-{j.job_id}", max_in_flight=j.max_in_flight, request_stream=j.request_stream
+        )
         self.client = client
         await client.start()
         try:
@@ -216,7 +224,7 @@ class LabelRunner:
             sha = await asyncio.to_thread(file_sha256, case.path)
         except OSError as exc:
             return self._failed(case, None, f"cannot read {case.path.name}: {exc}", t0)
-        if is_done(self.records.get(case.case_id), out, sha, s.model_version, s.bank_version):
+        if is_done(self.records.get(case.case_id), out, sha, s.model_version, s.bank_version, j.probs):
             s.skipped += 1
             return None
         try:
@@ -226,8 +234,10 @@ class LabelRunner:
             return self._failed(case, sha, str(exc), t0)
         rids = []
         for i in range(0, len(canon), j.batch_slices):
-            rids.append(await client.submit(canon[i : i + j.batch_slices], class_ids=j.class_ids))
-        labels, confs = [], []
+            rids.append(
+                await client.submit(canon[i : i + j.batch_slices], class_ids=j.class_ids, return_probs=j.probs)
+            )
+        labels, confs, probs = [], [], []
         model_version, bank_version = s.model_version, s.bank_version
         error = None
         for rid in rids:
@@ -241,6 +251,11 @@ class LabelRunner:
                 continue
             labels.append(res.labels)
             confs.append(res.confidence)
+            if j.probs:
+                if res.probs is None:
+                    error = error or "the assistant returned no probabilities"
+                    continue
+                probs.append(res.probs)
             model_version, bank_version = res.model_version, res.bank_version
         if error is not None:
             return self._failed(case, sha, error, t0)
@@ -252,7 +267,11 @@ class LabelRunner:
         class_ids = j.class_ids or list(range(1, n_classes))
         stats = class_stats(label, conf, class_ids, vol.spacing)
         dest = label_path(out, case.case_id)
+        probs_dest = probs_path(out, case.case_id) if j.probs else None
         try:
+            if probs_dest is not None:
+                # written before the label map: a label file never stands without the probs asked for
+                await asyncio.to_thread(self._write_probs, np.concatenate(probs), vol, probs_dest)
             data = await asyncio.to_thread(label_to_nifti_bytes, label, vol)
             await asyncio.to_thread(write_atomic, dest, data)
         except (ValueError, OSError) as exc:
@@ -263,11 +282,13 @@ class LabelRunner:
             input=str(case.path),
             input_sha256=sha,
             output=str(dest.relative_to(out)),
+            probs_output=str(probs_dest.relative_to(out)) if probs_dest is not None else None,
             slices=d,
             shape=[int(x) for x in vol.image.shape],
             spacing=[float(x) for x in vol.spacing] if vol.spacing is not None else None,
             classes={self.class_names.get(k, f"class_{k}"): v for k, v in stats.items()},
             confidence=case_confidence(stats),
+            slice_confidence=[[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in conf],
             model_version=model_version,
             bank_version=bank_version,
             seconds=round(time.perf_counter() - t0, 3),
@@ -278,6 +299,17 @@ class LabelRunner:
         s.labeled += 1
         s.slices += d
         return rec
+
+    @staticmethod
+    def _write_probs(probs256: np.ndarray, vol, dest: Path) -> None:
+        """(D, C, 256, 256) uint8 → bilinear to the input's grid → 4D uint8 NIfTI, atomically."""
+        d, h, w = vol.image.shape
+        full = probs256
+        if probs256.shape[-2:] != (h, w):
+            full = np.empty(probs256.shape[:2] + (h, w), np.uint8)
+            for z in range(d):  # slice by slice: a float copy of a whole CT volume's classes is GBs
+                full[z] = np.clip(np.rint(resize_image(probs256[z], (h, w))), 0, 255)
+        write_atomic(dest, nifti_to_bytes(probs_to_nifti(full, vol)))
 
     def _failed(self, case: CaseInput, sha: str | None, error: str, t0: float) -> CaseRecord:
         log.warning("case %s failed: %s", case.case_id, error)

@@ -295,6 +295,31 @@ def label_to_nifti(label_dhw: np.ndarray, like: Volume) -> nib.Nifti1Image:
     return img
 
 
+def probs_to_nifti(probs_dchw: np.ndarray, like: Volume) -> nib.Nifti1Image:
+    """Per-class probabilities (D, C, H, W) uint8 (p·255) as a 4D NIfTI in the frame of `like`: the
+    three spatial axes exactly as the label map's (same affine, qform/sform), classes on the 4th axis,
+    background first. Stored verbatim as uint8 (scl_slope 1/255 would make viewers show p itself, but
+    many tools ignore it; the documented unit is p·255)."""
+    probs = np.asarray(probs_dchw)
+    if probs.ndim != 4 or probs.shape[:1] + probs.shape[2:] != like.image.shape:
+        raise ValueError(f"probabilities {probs.shape} do not match the image {like.image.shape} as (D, C, H, W)")
+    if probs.dtype != np.uint8:
+        raise ValueError(f"probabilities must be uint8 (p·255), got {probs.dtype}")
+    channels = []
+    for c in range(probs.shape[1]):
+        arr = to_nifti_layout(probs[:, c], like)
+        arr = arr.reshape(arr.shape[:3]) if arr.ndim > 3 else arr.reshape(arr.shape + (1,) * (3 - arr.ndim))
+        channels.append(arr)
+    ref = label_to_nifti(np.zeros(like.image.shape, np.uint8), like)  # the label map's geometry and codes
+    img = type(ref)(np.ascontiguousarray(np.stack(channels, axis=-1)), ref.affine, header=ref.header.copy())
+    img.header.set_data_dtype(np.uint8)
+    img.header["cal_min"], img.header["cal_max"] = 0, 255
+    img.header["intent_name"] = b"vessa probs x255"
+    img.set_qform(ref.affine, code=int(ref.header["qform_code"]))
+    img.set_sform(ref.affine, code=int(ref.header["sform_code"]))
+    return img
+
+
 def nifti_to_bytes(img: nib.Nifti1Image, compress: bool = True) -> bytes:
     """Serialise a NIfTI image as `.nii.gz` (default; gzip mtime 0, so output is deterministic) or `.nii`."""
     raw = img.to_bytes()
