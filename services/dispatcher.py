@@ -22,22 +22,25 @@ import asyncio
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
 from pydantic import model_validator
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.config import VessaSettings
 from shared.protocol import AssistReply
+from shared.redis_connection import (  # noqa: F401  (re-exported: older imports name the dispatcher)
+    RedisAuthError,
+    auth_error,
+    check_credentials,
+    connect,
+    redact,
+)
 from shared.stream_messages import (
     BULK_STREAM,
     DEAD_LETTER_STREAM,
@@ -113,58 +116,6 @@ class DispatcherSettings(VessaSettings):
         return self
     app_name: str = "vessa"
     deployment: str = "VessaAssistant"
-
-
-class RedisAuthError(RuntimeError):
-    """Redis refused the credentials of the URL (missing or wrong password, unknown ACL user): waiting
-    will not fix that, so it is raised at once instead of being retried like an outage."""
-
-
-def redact(url: str) -> str:
-    """The URL with its password replaced by '***' (for messages and logs)."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
-
-
-def auth_error(url: str, exc: Exception) -> RedisAuthError:
-    return RedisAuthError(
-        f"Redis at {redact(url)} refused our credentials ({exc}); give them in the URL: "
-        "redis://[user]:password@host:port/db (rediss:// for TLS)"
-    )
-
-
-class _NoRetry(Exception):
-    def __init__(self, exc: Exception):
-        super().__init__(str(exc))
-        self.exc = exc
-
-
-class _Retry(Retry):
-    """Retries dropped connections and timeouts, but not refused credentials (AuthenticationError is a
-    ConnectionError to redis-py, so it would otherwise be retried like an outage)."""
-
-    async def call_with_retry(self, do, fail, *args, **kwargs):
-        async def once():
-            try:
-                return await do()
-            except AuthenticationError as exc:
-                raise _NoRetry(exc) from None
-
-        try:
-            return await super().call_with_retry(once, fail, *args, **kwargs)
-        except _NoRetry as wrapped:
-            raise wrapped.exc from None
-
-
-def connect(url: str) -> aioredis.Redis:
-    """A client that retries dropped connections with exponential backoff instead of failing."""
-    return aioredis.Redis.from_url(
-        url,
-        retry=_Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=8),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        socket_timeout=30,
-        socket_connect_timeout=5,
-        health_check_interval=15,
-    )
 
 
 class Dispatcher:
@@ -534,20 +485,6 @@ def inprocess_caller(assistant, limits=None) -> AssistantCaller:
         return dumps(reply), out
 
     return call
-
-
-async def check_credentials(url: str) -> None:
-    """Raise RedisAuthError when Redis refuses the URL's credentials; an unreachable Redis is fine
-    (the dispatcher waits for it)."""
-    r = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
-    try:
-        await r.ping()
-    except AuthenticationError as exc:
-        raise auth_error(url, exc) from None
-    except (RedisConnectionError, RedisTimeoutError, OSError):
-        pass
-    finally:
-        await r.aclose()
 
 
 async def run_dispatcher(settings: DispatcherSettings, caller: AssistantCaller | None = None) -> Dispatcher:

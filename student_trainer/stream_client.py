@@ -29,10 +29,10 @@ from redis.exceptions import AuthenticationError, OutOfMemoryError, ResponseErro
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.dispatcher import auth_error, connect
 from shared.canonical import to_uint8
 from shared.hashing import slice_hash
 from shared.protocol import encode_call
+from shared.redis_connection import auth_error, connect
 from shared.stream_messages import (
     REQUEST_STREAM,
     RequestEnvelope,
