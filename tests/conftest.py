@@ -143,6 +143,17 @@ def redis_server(tmp_path):
     server.stop()
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, 30 s to exit, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def start_dispatcher(redis_url: str, gcs_address: str, log_path: Path, **env_overrides) -> subprocess.Popen:
     """A real dispatcher process (`vessa dispatcher`) connected to the session's Serve app."""
     env = dict(os.environ)

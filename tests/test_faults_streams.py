@@ -26,7 +26,7 @@ from shared.canonical import canonical_slices
 from shared.data import open_dataset
 from shared.stream_messages import GROUP, REQUEST_STREAM, parse_result, result_stream
 from student_trainer.stream_client import AsyncStreamClient, QueueFullError
-from tests.conftest import ROOT, _wait_ready, start_dispatcher
+from tests.conftest import ROOT, _wait_ready, start_dispatcher, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -65,16 +65,6 @@ async def _collect(client: AsyncStreamClient, n: int, timeout: float) -> list:
 
     await asyncio.wait_for(take(), timeout)
     return out
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 # ---------------------------------------------------------------------------------------------- replica killed
@@ -124,7 +114,7 @@ def test_replica_killed_mid_batch_requests_answered_once(serve_app, redis_server
         _assert_answered_once_on_stream(redis_server.url, "trainer-rk", ids, exact=client.stats["resent_slices"] == 0)
         assert "attempt 1 failed" in log.read_text(), "the kill hit no call in flight"
     finally:
-        _stop(disp)
+        stop_process(disp)
         _wait_ready(serve_app.url)  # the shared app must be healthy for the tests after this one
         assert len(_replica_actors()) == 1
 
@@ -190,7 +180,7 @@ def test_trainer_killed_and_replaced_no_loss_no_double_apply(serve_app, redis_se
                 await asyncio.sleep(0.2)
             await asyncio.sleep(1.5)  # let the reader see every entry
         finally:
-            _stop(disp)
+            stop_process(disp)
         await client.close()
         return new_ids, results, client
 
@@ -287,7 +277,7 @@ def test_redis_full_backpressure_nothing_evicted_then_recovers(serve_app, tmp_pa
         assert r.info("stats")["evicted_keys"] == 0
     finally:
         if disp is not None:
-            _stop(disp)
+            stop_process(disp)
         server.stop()
 
 
@@ -401,5 +391,5 @@ def test_network_cut_and_redis_paused_clients_reconnect(serve_app, redis_server,
         assert proxy.cuts == 1
         assert disp.poll() is None, "the dispatcher survived the outage"
     finally:
-        _stop(disp)
+        stop_process(disp)
         proxy.close()

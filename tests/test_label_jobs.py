@@ -25,7 +25,7 @@ from services.labeling.runner import LabelJob, LabelRunner, run_label_job
 from shared.canonical import canonical_slices
 from shared.data import open_dataset
 from student_trainer.stream_client import AsyncStreamClient
-from tests.conftest import ROOT, start_dispatcher
+from tests.conftest import ROOT, start_dispatcher, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -46,21 +46,11 @@ def nifti_folder(synth_dir, tmp_path_factory) -> Path:
     return root
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 @pytest.fixture
 def dispatcher(serve_app, redis_server, tmp_path):
     proc = start_dispatcher(redis_server.url, serve_app.gcs_address, tmp_path / "d.log")
     yield proc
-    _stop(proc)
+    stop_process(proc)
 
 
 def _fresh_copy(src: Path, dst: Path, flip_axis: int) -> Path:
@@ -192,9 +182,9 @@ def test_dispatcher_restart_mid_job_loses_nothing(serve_app, redis_server, nifti
         second = start_dispatcher(redis_server.url, serve_app.gcs_address, tmp_path / "d2.log", consumer="second", **env)
         t.join(600)
     finally:
-        _stop(first)
+        stop_process(first)
         if second is not None:
-            _stop(second)
+            stop_process(second)
     assert not t.is_alive()
     s = box["s"]
     assert (s.labeled, s.failed) == (N_GOOD, 0)
