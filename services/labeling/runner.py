@@ -241,10 +241,10 @@ class LabelRunner:
         model_version, bank_version = s.model_version, s.bank_version
         error = None
         for rid in rids:
-            res = await client.result(rid, j.request_timeout_s)
+            res = await self._result(client, rid)
             if res is None:
                 client.abandon(rid)
-                error = error or f"no answer within {j.request_timeout_s:.0f} s"
+                error = error or f"no answer within {j.request_timeout_s:.0f} s while the service answered nothing else"
                 continue
             if res.status != "ok":
                 error = error or f"assistant: {res.error}"
@@ -299,6 +299,17 @@ class LabelRunner:
         s.labeled += 1
         s.slices += d
         return rec
+
+    async def _result(self, client, rid: str):
+        """The request's result, waiting as long as the service makes progress on this job: the
+        timeout is `request_timeout_s` without any answer, not per request, since a request waits
+        behind every request of the job queued before it (a slow CPU replica under a deep queue)."""
+        while True:
+            answered = client.stats["answered"] + client.stats["errors"]
+            res = await client.result(rid, self.job.request_timeout_s)
+            if res is not None or client.stats["answered"] + client.stats["errors"] == answered:
+                return res
+            log.info("request %s still queued behind answered ones; waiting on", rid)
 
     @staticmethod
     def _write_probs(probs256: np.ndarray, vol, dest: Path) -> None:
