@@ -59,7 +59,7 @@ def label_cmd(
     batch_slices: int = typer.Option(8, min=1, max=64, help="slices per request"),
     max_in_flight: int = typer.Option(4, min=1, max=64, help="requests of this job on the stream at once (bounds what a trainer waits behind)"),
     cases_in_flight: int = typer.Option(3, min=1, max=32, help="cases read / inferred / written at once"),
-    timeout_s: float = typer.Option(900.0, "--timeout", min=1.0, help="seconds to wait for one request's answer"),
+    timeout_s: float = typer.Option(900.0, "--timeout", min=1.0, help="seconds without any answer to this job before a waiting case fails"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
 ):
     """Label every selected case: uint8 NIfTI per case in the input's geometry, a manifest, resumable."""
