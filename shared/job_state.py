@@ -38,6 +38,7 @@ class JobSpec(BaseModel):
     selection: Literal["unlabeled", "all"] = "unlabeled"
     class_ids: list[int] | None = None
     probs: bool = False
+    volume_calls: bool = True
     batch_slices: int = Field(8, ge=1, le=64)
     max_in_flight: int = Field(4, ge=1, le=64)
     cases_in_flight: int = Field(3, ge=1, le=32)

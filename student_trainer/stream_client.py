@@ -79,6 +79,7 @@ class _Pending:
     labels: list[np.ndarray | None] = field(default_factory=list)
     confidence: list[np.ndarray | None] = field(default_factory=list)
     return_probs: bool = False  # ask for the assistant's per-class probabilities too
+    volume: bool = False  # the images are one volume in order: answered as a whole (AssistCall.volume)
     out_probs: list[np.ndarray | None] = field(default_factory=list)  # (C, H, W) uint8 p·255 each
     parent: str | None = None  # for a resend: the request it completes
     children: dict[str, list[int]] = field(default_factory=dict)  # resend id → slice positions
@@ -204,9 +205,12 @@ class AsyncStreamClient:
         request_id: str | None = None,
         deadline_s: float | None = None,
         return_probs: bool = False,
+        volume: bool = False,
     ) -> str:
         """images: (B, H, W) uint8 canonical slices; probs: (B, C, H, W) uint8 (p·255) or float, or None.
         `return_probs`: the result's `probs` holds the assistant's (B, C, H, W) uint8 p·255 as well.
+        `volume`: the images are one volume in through-plane order, answered as one piece (3D context
+        and cleaning); its pixels are always sent (a hash-only slice the replica lost would be a hole).
         Waits while `max_in_flight` requests are out; raises QueueFullError when Redis is full."""
         await self._slots.acquire()
         rid = request_id or new_request_id()
@@ -216,10 +220,11 @@ class AsyncStreamClient:
         p.labels = [None] * len(images)
         p.confidence = [None] * len(images)
         p.return_probs = return_probs
+        p.volume = volume
         p.out_probs = [None] * len(images)
         self._pending[rid] = p
         try:
-            await self._send(rid, list(range(len(images))), p, allow_hash=self.send_hashes)
+            await self._send(rid, list(range(len(images))), p, allow_hash=self.send_hashes and not volume)
         except BaseException:
             self._pending.pop(rid, None)
             self._slots.release()
@@ -236,7 +241,9 @@ class AsyncStreamClient:
             hs.append(p.hashes[i])
             self.stats["hash_only_slices"] += int(hash_only)
         prob_list = [p.probs[i] for i in positions] if p.probs is not None else None
-        call, blobs = encode_call(imgs, hs, prob_list, class_ids=p.class_ids, return_probs=p.return_probs)
+        call, blobs = encode_call(
+            imgs, hs, prob_list, class_ids=p.class_ids, return_probs=p.return_probs, volume=p.volume
+        )
         env = RequestEnvelope(
             request_id=rid,
             trainer_id=self.trainer_id,

@@ -64,6 +64,7 @@ class JobCreate(BaseModel):
     selection: Literal["unlabeled", "all"] = "unlabeled"
     classes: list[int] | None = Field(default=None, max_length=255, description="class indices (default: every class)")
     probs: bool = Field(False, description="also write per-class probabilities (OUT/probs/<case>.nii.gz, 4D uint8 p·255)")
+    volume_calls: bool = Field(True, description="each case as one volume request (3D context); false: requests of batch_slices slices")
     batch_slices: int = Field(8, ge=1, le=64)
     max_in_flight: int = Field(4, ge=1, le=64, description="this job's requests on the stream at once")
     cases_in_flight: int = Field(3, ge=1, le=32)
@@ -152,6 +153,7 @@ def _spec(body: JobCreate, job_id: str) -> JobSpec:
         selection=body.selection,
         class_ids=body.classes,
         probs=body.probs,
+        volume_calls=body.volume_calls,
         batch_slices=body.batch_slices,
         max_in_flight=body.max_in_flight,
         cases_in_flight=body.cases_in_flight,

@@ -112,6 +112,7 @@ class LabelJobActor:
             selection=spec.selection,
             class_ids=spec.class_ids,
             probs=spec.probs,
+            volume_calls=spec.volume_calls,
             batch_slices=spec.batch_slices,
             max_in_flight=spec.max_in_flight,
             cases_in_flight=spec.cases_in_flight,

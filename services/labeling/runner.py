@@ -49,6 +49,7 @@ from shared.hashing import file_sha256
 from shared.stream_messages import BULK_STREAM
 
 log = logging.getLogger("vessa.label")
+MAX_VOLUME_SLICES = 1024  # a replica's per-call slice limit (shared.protocol.Limits.max_slices)
 
 
 @dataclass
@@ -59,6 +60,9 @@ class LabelJob:
     selection: str = "unlabeled"  # or "all"
     class_ids: list[int] | None = None
     probs: bool = False  # also write per-class probabilities (4D uint8 NIfTI, p·255) under OUT/probs
+    # each case as one volume request (the assistant's 3D context and cleaning, as `vessa assistant
+    # eval` measures it); False: requests of `batch_slices` independent slices
+    volume_calls: bool = True
     batch_slices: int = 8
     max_in_flight: int = 4
     cases_in_flight: int = 3
@@ -233,10 +237,13 @@ class LabelRunner:
         except (ValueError, KeyError, OSError) as exc:
             return self._failed(case, sha, str(exc), t0)
         rids = []
-        for i in range(0, len(canon), j.batch_slices):
-            rids.append(
-                await client.submit(canon[i : i + j.batch_slices], class_ids=j.class_ids, return_probs=j.probs)
-            )
+        if j.volume_calls and len(canon) <= MAX_VOLUME_SLICES:
+            rids.append(await client.submit(canon, class_ids=j.class_ids, return_probs=j.probs, volume=True))
+        else:
+            for i in range(0, len(canon), j.batch_slices):
+                rids.append(
+                    await client.submit(canon[i : i + j.batch_slices], class_ids=j.class_ids, return_probs=j.probs)
+                )
         labels, confs, probs = [], [], []
         model_version, bank_version = s.model_version, s.bank_version
         error = None
