@@ -25,8 +25,10 @@ from shared.stream_messages import (
 )
 
 
-def _request(r: redis.Redis, stream: str, trainer: str) -> str:
-    call, blobs = encode_call([np.zeros((256, 256), np.uint8)], class_ids=[1])
+def _request(r: redis.Redis, stream: str, trainer: str, slices: int = 1) -> str:
+    """A request of `slices` blank slices on `stream` (job requests here have 2, so the stand-in can
+    tell the lanes apart by their blob count)."""
+    call, blobs = encode_call([np.zeros((256, 256), np.uint8)] * slices, class_ids=[1])
     rid = new_request_id()
     env = RequestEnvelope(
         request_id=rid, trainer_id=trainer, reply_stream=result_stream(trainer), call=call, n_blobs=len(blobs)
@@ -59,14 +61,7 @@ class _SlowAssistant:
 
 
 def _bulk_request(r: redis.Redis, trainer: str) -> str:
-    """A bulk request of two slices (so the stand-in can tell its lane from the blobs)."""
-    call, blobs = encode_call([np.zeros((256, 256), np.uint8)] * 2, class_ids=[1])
-    rid = new_request_id()
-    env = RequestEnvelope(
-        request_id=rid, trainer_id=trainer, reply_stream=result_stream(trainer), call=call, n_blobs=len(blobs)
-    )
-    r.xadd(BULK_STREAM, request_fields(env, blobs))
-    return rid
+    return _request(r, BULK_STREAM, trainer, slices=2)
 
 
 def _answered(r: redis.Redis, trainer: str) -> list[str]:

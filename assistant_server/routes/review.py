@@ -27,6 +27,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from assistant_server.routes.jobs import ErrorDetail
 from services.labeling import review as reviews
 from services.labeling.outputs import CaseRecord, read_records, record_path
 from services.labeling.ranking import ranking
@@ -38,10 +39,6 @@ _CASE_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 def _bad(detail: str, status: int = 400) -> HTTPException:
     return HTTPException(status_code=status, detail=detail)
-
-
-class ErrorDetail(BaseModel):
-    detail: str
 
 
 _TEXT = {
@@ -174,15 +171,19 @@ def _image(rec: CaseRecord):
     return _CACHE.get(key, lambda: read_case(CaseInput(rec.case_id, path, kind, False)))
 
 
+def _axes(vol) -> tuple[int, ...] | None:
+    """The NIfTI axis order the case was read with (how its label files are laid out)."""
+    return tuple(vol.meta["axes"]) if vol.meta and vol.meta.get("axes") is not None else None
+
+
 def _label(out: Path, rel: str, vol) -> np.ndarray:
     from shared.data.nifti import load_label_nifti
 
     path = (out / rel).resolve()
     if not path.is_relative_to(out.resolve()) or not path.is_file():
         raise _bad(f"label file {rel} is missing", 409)
-    axes = tuple(vol.meta["axes"]) if vol.meta and vol.meta.get("axes") is not None else None
     key = ("lab", str(path), path.stat().st_mtime_ns)
-    return _CACHE.get(key, lambda: load_label_nifti(path, axes))
+    return _CACHE.get(key, lambda: load_label_nifti(path, _axes(vol)))
 
 
 def _which_label(rec: CaseRecord, rev: reviews.Review, which: str) -> str | None:
@@ -338,9 +339,8 @@ async def upload_label(
     def store() -> reviews.Review:
         rec = _record(out, case_id)
         vol = _image(rec)
-        axes = tuple(vol.meta["axes"]) if vol.meta and vol.meta.get("axes") is not None else None
         try:
-            lab = load_label_nifti(data, axes)
+            lab = load_label_nifti(data, _axes(vol))
         except Exception as exc:  # not NIfTI, damaged, wrong type: a client error, named
             raise _bad(f"cannot read the upload as a NIfTI label map: {str(exc)[:300]}") from None
         if lab.shape != vol.image.shape:

@@ -46,10 +46,10 @@ from shared.canonical import canonical_slices
 from shared.data.nifti import label_to_nifti_bytes, nifti_to_bytes, probs_to_nifti
 from shared.data.resize import resize_image, resize_label
 from shared.hashing import file_sha256
+from shared.protocol import Limits
 from shared.stream_messages import BULK_STREAM
 
 log = logging.getLogger("vessa.label")
-MAX_VOLUME_SLICES = 1024  # a replica's per-call slice limit (shared.protocol.Limits.max_slices)
 
 
 @dataclass
@@ -237,7 +237,7 @@ class LabelRunner:
         except (ValueError, KeyError, OSError) as exc:
             return self._failed(case, sha, str(exc), t0)
         rids = []
-        if j.volume_calls and len(canon) <= MAX_VOLUME_SLICES:
+        if j.volume_calls and len(canon) <= Limits().max_slices:  # a replica's per-call slice limit
             rids.append(await client.submit(canon, class_ids=j.class_ids, return_probs=j.probs, volume=True))
         else:
             for i in range(0, len(canon), j.batch_slices):
