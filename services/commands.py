@@ -242,6 +242,10 @@ def dispatcher_cmd(
         None, help="reclaim entries pending on a dead consumer after this"
     ),
     max_attempts: int | None = typer.Option(None, help="deliveries before a request is dead-lettered"),
+    call_timeout_s: float | None = typer.Option(None, help="seconds a call may take at the replicas (default 120) ..."),
+    call_timeout_per_slice_s: float | None = typer.Option(
+        None, help="... plus this for every slice in flight there, the call's own included (default 10)"
+    ),
 ):
     """Move requests from the Redis stream to the assistant (DeploymentHandle) and results back."""
     from services.dispatcher import DispatcherSettings, run_dispatcher
@@ -256,6 +260,8 @@ def dispatcher_cmd(
         "bulk_max_inflight": bulk_max_inflight,
         "claim_idle_ms": claim_idle_ms,
         "max_attempts": max_attempts,
+        "call_timeout_s": call_timeout_s,
+        "call_timeout_per_slice_s": call_timeout_per_slice_s,
     }
     settings = DispatcherSettings(**{k: v for k, v in overrides.items() if v is not None})
     d = asyncio.run(run_dispatcher(settings))

@@ -97,6 +97,10 @@ class DispatcherSettings(VessaSettings):
     max_attempts: int = 3
     retry_backoff_s: float = 0.5
     call_timeout_s: float = 120.0
+    # A call waits at the replicas behind every call already in flight (a volume of a CT series on a
+    # CPU replica takes minutes): its timeout grows by this much per slice in flight, its own included,
+    # so a busy lane is not mistaken for a dead replica (Ray reports a dead one at once anyway).
+    call_timeout_per_slice_s: float = 10.0
     shutdown_grace_s: float = 10.0  # on SIGTERM: finish calls in flight for this long, leave the rest pending
     result_ttl_s: int = 3600
     result_maxlen: int = 10_000
@@ -128,6 +132,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task] = set()
         self._inflight: dict[str, set[bytes]] = {settings.request_stream: set(), settings.bulk_stream: set()}
         self._stop = asyncio.Event()
+        self._inflight_slices = 0  # slices of the calls now at the replicas (the call timeout grows with it)
         self.counters = {"answered": 0, "duplicates": 0, "errors": 0, "dead": 0, "retries": 0, "reclaimed": 0}
 
     # ------------------------------------------------------------------------------------------ setup
@@ -311,6 +316,10 @@ class Dispatcher:
                 )
                 await self.redis.xtrim(stream, minid=minid, approximate=True)
 
+    def call_timeout(self, slices_in_flight: int) -> float:
+        """Seconds a call may take when `slices_in_flight` slices (its own included) are at the replicas."""
+        return self.s.call_timeout_s + self.s.call_timeout_per_slice_s * max(0, slices_in_flight)
+
     # ------------------------------------------------------------------------------------------ one entry
     async def _process(self, stream: str, entry_id: bytes, fields: dict, attempts: int) -> None:
         t0 = time.perf_counter()
@@ -335,24 +344,29 @@ class Dispatcher:
                 )
                 return
         meta = env.call.model_dump_json().encode()
+        n_slices = len(env.call.slices)
         while True:
+            self._inflight_slices += n_slices
             try:
                 reply_meta, reply_blobs = await asyncio.wait_for(
-                    self.caller(meta, blobs), self.s.call_timeout_s
+                    self.caller(meta, blobs), self.call_timeout(self._inflight_slices)
                 )
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # replica died, timeout, Ray hiccup: retry, then dead-letter
-                msg = f"{type(exc).__name__}: {str(exc)[:500]}"
-                await self.redis.set(_err_key(env.request_id), msg, ex=self.s.done_ttl_s)
-                if attempts >= self.s.max_attempts:
-                    await self._dead_letter(stream, entry_id, fields, f"failed {attempts} times: {msg}", env)
-                    return
-                self.counters["retries"] += 1
-                log.warning("request %s attempt %d failed: %s", env.request_id, attempts, msg)
-                await asyncio.sleep(self.s.retry_backoff_s * 2 ** (attempts - 1))
-                attempts += 1
+                failure = exc
+            finally:
+                self._inflight_slices -= n_slices
+            msg = f"{type(failure).__name__}: {str(failure)[:500]}"
+            await self.redis.set(_err_key(env.request_id), msg, ex=self.s.done_ttl_s)
+            if attempts >= self.s.max_attempts:
+                await self._dead_letter(stream, entry_id, fields, f"failed {attempts} times: {msg}", env)
+                return
+            self.counters["retries"] += 1
+            log.warning("request %s attempt %d failed: %s", env.request_id, attempts, msg)
+            await asyncio.sleep(self.s.retry_backoff_s * 2 ** (attempts - 1))
+            attempts += 1
         reply = AssistReply.model_validate_json(reply_meta)
         status = "ok" if reply.status == "ok" else "error"
         result = ResultEnvelope(

@@ -291,8 +291,23 @@ def test_compose_cpu_end_to_end(tmp_path):
         labels.mkdir()
         labels.chmod(0o777)  # the image runs as the unprivileged `vessa` user
         t_lb = time.monotonic()
-        _run(compose + ["--profile", "label", "run", "--rm", "label"], env=dict(env, LABEL_OUTPUT=str(labels)), timeout=1800)
+        lb = _run(
+            compose + ["--profile", "label", "run", "--rm", "label"],
+            env=dict(env, LABEL_OUTPUT=str(labels)),
+            timeout=1800,
+            check=False,
+            capture=True,
+        )
         timings["label_job_s"] = round(time.monotonic() - t_lb, 1)
+        label_log = lb.stdout + lb.stderr
+        print(label_log[-4000:], flush=True)
+        manifest_path = labels / "labels.json"
+        failed = (
+            {c["case_id"]: c.get("error") for c in json.loads(manifest_path.read_text())["cases"] if c["status"] != "ok"}
+            if manifest_path.exists()
+            else "no manifest"
+        )
+        assert lb.returncode == 0, f"label profile exited {lb.returncode}; failed cases: {failed}; log tail: {label_log[-1500:]}"
         manifest = json.loads((labels / "labels.json").read_text())
         assert manifest["counts"]["ok"] == manifest["counts"]["cases"] == 6, manifest["counts"]
         src = nib.load(str(tmp_path / case))

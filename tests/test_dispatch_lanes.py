@@ -124,3 +124,53 @@ def test_an_idle_trainer_lane_leaves_the_job_its_bounded_share(redis_server):
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
     assert assistant.bulk_peak == 3, f"peak {assistant.bulk_peak} bulk calls at once, bound 3"
+
+
+class _OneAtATimeReplica:
+    """A single replica that answers one call at a time, `per_slice` seconds per slice (a CPU replica
+    under whole-volume requests): a call's latency includes the calls queued before it."""
+
+    def __init__(self, per_slice: float):
+        self.per_slice = per_slice
+        self.lock = asyncio.Lock()
+        self.calls = 0
+
+    async def __call__(self, meta: bytes, blobs: list[bytes]) -> tuple[bytes, list[bytes]]:
+        self.calls += 1
+        async with self.lock:
+            await asyncio.sleep(self.per_slice * len(blobs))
+        return dumps(AssistReply()), []
+
+
+def test_calls_queued_behind_whole_volumes_are_not_timed_out_as_dead(redis_server):
+    """Four 3-slice volumes at once on a replica taking 0.3 s a slice: the last answers after ~3.6 s,
+    far past the 1 s base timeout. The timeout grows with the slices in flight, so none is retried."""
+    r = redis.Redis.from_url(redis_server.url)
+    replica = _OneAtATimeReplica(0.3)
+    settings = DispatcherSettings(
+        redis_url=redis_server.url,
+        consumer="slow",
+        max_inflight=8,
+        bulk_max_inflight=4,
+        call_timeout_s=1.0,
+        call_timeout_per_slice_s=0.4,
+        claim_interval_s=0.5,
+    )
+    ids = [_request(r, BULK_STREAM, "label-job", slices=3) for _ in range(4)]
+
+    async def scenario() -> Dispatcher:
+        d = Dispatcher(settings, replica)
+        task = asyncio.create_task(d.run())
+        while len(_answered(r, "label-job")) < 4:
+            await asyncio.sleep(0.05)
+        d.stop()
+        await task
+        return d
+
+    d = asyncio.run(asyncio.wait_for(scenario(), 60))
+    results = [parse_result(f)[0] for _, f in r.xrange(result_stream("label-job"))]
+    assert sorted(x.request_id for x in results) == sorted(ids)
+    assert all(x.status == "ok" and x.attempts == 1 for x in results), [(x.status, x.attempts, x.error) for x in results]
+    assert replica.calls == 4 and d.counters["retries"] == 0
+    # the bound itself: 1 s + 0.4 s for each of the 12 slices at the replica
+    assert d.call_timeout(12) == 1.0 + 0.4 * 12
