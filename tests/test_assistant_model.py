@@ -167,6 +167,9 @@ def test_stage1_cli_path_trains_saves_and_resumes(tiny_bank, tmp_path):
     model, payload = load_checkpoint(path)
     assert payload["step"] == 2 and payload["bank_version"] == TemplateBank(tiny_bank).version
     assert payload["weight_hashes"]["state"] and (out.parent / "assistant.config.resolved.yaml").exists()
+    # no inference section given: served with component cleaning of single-blob classes, nothing else
+    assert payload["extra"]["inference"]["largest_component"] == "auto"
+    assert payload["extra"]["inference"]["refine_passes"] == 0
     resumed = train_stage1(
         Stage1Settings(
             bank=tiny_bank, out=out, steps=3, batch_size=1, encoder="tiny", resume=True, log_every=1
