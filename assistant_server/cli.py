@@ -169,6 +169,9 @@ def assistant_eval(
     refine_passes: int | None = typer.Option(None, help="override: self-prompted refinement passes (0-4)"),
     volume_context: float | None = typer.Option(None, help="override: weight of slices z±1 in a refinement prompt"),
     lcc: str | None = typer.Option(None, "--lcc", help="override: largest-component cleaning off|auto|on"),
+    keep_share: float | None = typer.Option(
+        None, "--keep-share", help="override: with cleaning, also keep components ≥ this share of the largest"
+    ),
     templates: int | None = typer.Option(None, "--templates", help="override: templates retrieved per query"),
     position_weight: float | None = typer.Option(
         None, help="override: preference for templates at the same relative position in their volume"
@@ -199,6 +202,7 @@ def assistant_eval(
         refine_passes=refine_passes,
         volume_context=volume_context,
         largest_component=lcc,
+        component_keep_share=keep_share,
         num_templates=templates,
         position_weight=position_weight,
         cpu_bf16=cpu_bf16,

@@ -39,10 +39,13 @@ def single_component_classes(
     return keep
 
 
-def keep_largest(label: np.ndarray, class_ids: list[int]) -> np.ndarray:
+def keep_largest(label: np.ndarray, class_ids: list[int], keep_share: float = 1.0) -> np.ndarray:
     """label: (H, W) or (D, H, W) integer map; for each class in `class_ids` only its largest connected
     component (full connectivity: in 3D, slices touching at an edge or corner count as connected) keeps
-    the class, the rest becomes background. Returns a new array of the same dtype."""
+    the class, the rest becomes background. With `keep_share` < 1 every component at least that share
+    of the largest one's size is kept too (a class confused with a neighbour can make the wrong blob the
+    largest: keeping both costs Dice, dropping the right one costs all of it). Returns a new array of
+    the same dtype."""
     out = label.copy()
     structure = ndimage.generate_binary_structure(label.ndim, label.ndim)
     for c in class_ids:
@@ -54,5 +57,9 @@ def keep_largest(label: np.ndarray, class_ids: list[int]) -> np.ndarray:
             continue
         sizes = np.bincount(comp.ravel())
         sizes[0] = 0
-        out[mask & (comp != sizes.argmax())] = 0
+        if keep_share >= 1.0:
+            out[mask & (comp != sizes.argmax())] = 0
+        else:
+            keep = np.flatnonzero(sizes >= keep_share * sizes.max())
+            out[mask & ~np.isin(comp, keep)] = 0
     return out

@@ -51,6 +51,7 @@ class EvalSettings(VessaSettings):
     refine_passes: int | None = None
     volume_context: float | None = None
     largest_component: str | None = None
+    component_keep_share: float | None = None
     num_templates: int | None = None
     position_weight: float | None = None
     cpu_bf16: bool = False
@@ -60,6 +61,7 @@ class EvalSettings(VessaSettings):
             "refine_passes": self.refine_passes,
             "volume_context": self.volume_context,
             "largest_component": self.largest_component,
+            "component_keep_share": self.component_keep_share,
             "num_templates": self.num_templates,
             "position_weight": self.position_weight,
         }

@@ -434,12 +434,12 @@ class Assistant:
         lcc_ids = self._lcc_classes(state, ids)
         same_size = len({o.label.shape for o in finished}) == 1
         if lcc_ids and same_size:
-            volume = keep_largest(np.stack([o.label for o in finished]), lcc_ids)
+            volume = keep_largest(np.stack([o.label for o in finished]), lcc_ids, self.options.component_keep_share)
             for o, lab in zip(finished, volume):
                 o.label = lab
         elif lcc_ids:
             for o in finished:
-                o.label = keep_largest(o.label, lcc_ids)
+                o.label = keep_largest(o.label, lcc_ids, self.options.component_keep_share)
         for j, i in enumerate(present):
             outputs[i] = finished[j]
         self._sync()
@@ -568,7 +568,7 @@ class Assistant:
         lut = torch.tensor([0, *ids], device=arg.device, dtype=torch.uint8)
         label = lut[arg].cpu().numpy()
         if lcc:
-            label = keep_largest(label, lcc)
+            label = keep_largest(label, lcc, self.options.component_keep_share)
         confidence = np.full(num_classes, math.nan, dtype=np.float32)
         bg = arg == 0
         confidence[0] = float(full[0][bg].mean()) if bool(bg.any()) else 0.0

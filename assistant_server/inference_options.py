@@ -28,6 +28,9 @@ class InferenceOptions:
     3D, for `predict_volume`). "auto" does so for the classes whose exemplars in the template bank are
     single components (`single_component_classes`), "on" for every class, "off" never.
 
+    component_keep_share: with component cleaning, components at least this share of the class's
+    largest are kept too (1.0: the largest only).
+
     num_templates: templates retrieved per query (None: the number the model was trained with).
 
     position_weight: in a volume, retrieval prefers templates from the same relative position in their
@@ -38,6 +41,7 @@ class InferenceOptions:
     refine_passes: int = 0
     volume_context: float = 0.0
     largest_component: str = "off"
+    component_keep_share: float = 1.0
     num_templates: int | None = None
     position_weight: float = 0.0
 
@@ -48,6 +52,8 @@ class InferenceOptions:
             raise ValueError(f"volume_context must be in [0, 1/3], got {self.volume_context}")
         if self.largest_component not in LCC_MODES:
             raise ValueError(f"largest_component must be one of {LCC_MODES}, got {self.largest_component!r}")
+        if not 0.0 < float(self.component_keep_share) <= 1.0:
+            raise ValueError(f"component_keep_share must be in (0, 1], got {self.component_keep_share}")
         if self.num_templates is not None and not 1 <= int(self.num_templates) <= 32:
             raise ValueError(f"num_templates must be 1-32, got {self.num_templates}")
         if not 0.0 <= float(self.position_weight) <= 2.0:

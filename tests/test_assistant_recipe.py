@@ -63,6 +63,14 @@ def test_single_component_classes_and_keep_largest():
     assert (out == 2).sum() == 4  # classes not asked for are untouched
     # 2D: per slice, the largest piece of the slice stays
     assert keep_largest(pred[2], [1])[12:14, 12:14].all()
+    # keep_share: a second piece at least that share of the largest stays, a smaller one goes
+    two = np.zeros((1, 16, 16), np.uint8)
+    two[0, 0:4, 0:4] = 1  # 16 px, the largest
+    two[0, 8:11, 8:11] = 1  # 9 px: 56 % of it
+    two[0, 14:15, 14:16] = 1  # 2 px: 12 %
+    kept = keep_largest(two, [1], keep_share=0.5)
+    assert kept[0, 8:11, 8:11].all() and kept[0, 0:4, 0:4].all() and kept[0, 14, 14:16].sum() == 0
+    assert keep_largest(two, [1], keep_share=1.0)[0, 8:11, 8:11].sum() == 0
 
 
 def test_inference_options_validate_and_round_trip():
@@ -77,6 +85,8 @@ def test_inference_options_validate_and_round_trip():
         {"largest_component": "yes"},
         {"num_templates": 0},
         {"position_weight": -1},
+        {"component_keep_share": 0.0},
+        {"component_keep_share": 1.5},
     ):
         with pytest.raises(ValueError):
             InferenceOptions(**bad)
