@@ -176,6 +176,9 @@ def assistant_eval(
     position_weight: float | None = typer.Option(
         None, help="override: preference for templates at the same relative position in their volume"
     ),
+    volume_templates: int | None = typer.Option(
+        None, help="override: a volume's K most confident slices as extra templates for its other slices"
+    ),
     cpu_bf16: bool = typer.Option(False, "--cpu-bf16", help="bf16 autocast on the CPU"),
 ):
     """Per-volume, per-class Dice/Jaccard/HD95/ASD for prompting modes and baselines (JSON + table), and how
@@ -205,6 +208,7 @@ def assistant_eval(
         component_keep_share=keep_share,
         num_templates=templates,
         position_weight=position_weight,
+        volume_templates=volume_templates,
         cpu_bf16=cpu_bf16,
     )
     report = evaluate_assistant(s)

@@ -54,6 +54,7 @@ class EvalSettings(VessaSettings):
     component_keep_share: float | None = None
     num_templates: int | None = None
     position_weight: float | None = None
+    volume_templates: int | None = None
     cpu_bf16: bool = False
 
     def inference_overrides(self) -> dict:
@@ -64,6 +65,7 @@ class EvalSettings(VessaSettings):
             "component_keep_share": self.component_keep_share,
             "num_templates": self.num_templates,
             "position_weight": self.position_weight,
+            "volume_templates": self.volume_templates,
         }
 
 

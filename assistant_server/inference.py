@@ -418,6 +418,12 @@ class Assistant:
         positions = torch.tensor([i / depth for i in present], device=self.device)
         probs, conf = self._volume_pass(emb, state, ids, student, positions)
         refine = [j for j, st in enumerate(student) if st is None]
+        exclude = None
+        if refine and self.options.volume_templates > 0 and len(present) > 1:
+            state, exclude = self._with_volume_templates(state, emb, probs, conf, positions, ids)
+            if self.options.refine_passes == 0:
+                new_probs, _ = self._volume_pass(emb, state, ids, [None] * len(present), positions, exclude)
+                probs[refine] = new_probs[refine]
         w = float(self.options.volume_context)
         for _ in range(self.options.refine_passes if refine else 0):
             prompt = self._as_prompt(probs, ids)
@@ -425,7 +431,8 @@ class Assistant:
                 prev = torch.cat([prompt[:1], prompt[:-1]])
                 nxt = torch.cat([prompt[1:], prompt[-1:]])
                 prompt = (1 - 2 * w) * prompt + w * prev + w * nxt
-            new_probs, _ = self._volume_pass(emb, state, ids, [prompt[j] for j in range(len(present))], positions)
+            prompts = [prompt[j] for j in range(len(present))]
+            new_probs, _ = self._volume_pass(emb, state, ids, prompts, positions, exclude)
             probs[refine] = new_probs[refine]  # the confidence stays the first pass's (see _decode)
         finished = [
             self._finish(hashes[i], shapes[i], probs[j], conf[j], ids, num_classes, return_probs)
@@ -449,6 +456,43 @@ class Assistant:
             self._stats["batches"] += 1
         return outputs  # type: ignore[return-value]
 
+    def _with_volume_templates(
+        self,
+        state: _BankState,
+        emb: torch.Tensor,
+        probs: torch.Tensor,
+        conf: torch.Tensor,
+        positions: torch.Tensor,
+        ids: list[int],
+    ) -> tuple[_BankState, torch.Tensor]:
+        """The bank plus the volume's K most confident slices with foreground as templates, labelled by
+        the first pass's answer (emb (Z, 256, 64, 64), probs (Z, 1+M, 256, 256), conf (Z, M)).
+        Returns that state and `exclude` (Z, N + K) bool: True where a template is the query itself."""
+        answer = probs.argmax(1)  # (Z, H, W) over [background, *ids]
+        has_fg = (answer > 0).flatten(1).any(1)
+        score = conf.mean(1).masked_fill(~has_fg, float("-inf"))
+        k = min(int(self.options.volume_templates), int(has_fg.sum()))
+        exclude = torch.zeros(len(emb), len(state.keys) + k, dtype=torch.bool, device=self.device)
+        if k == 0:
+            return state, exclude[:, : len(state.keys)]
+        sel = score.topk(k).indices
+        lut = torch.tensor([0, *ids], device=answer.device)
+        onehot = F.one_hot(lut[answer[sel]], len(self.classes)).permute(0, 3, 1, 2).float()
+        with torch.inference_mode(), self._autocast():
+            e = emb[sel].to(torch.float32) if self.device.type == "cpu" else emb[sel]
+            keys = self.model.template_keys(e).float()
+            grid = self.model.matcher.label_grid(onehot)
+            desc = global_descriptor(e)
+        extra = dataclasses.replace(
+            state,
+            keys=torch.cat([state.keys, keys]),
+            label_grid=torch.cat([state.label_grid, grid.to(state.label_grid.dtype)]),
+            descriptors=torch.cat([state.descriptors, desc.to(state.descriptors.dtype)]),
+            positions=None if state.positions is None else torch.cat([state.positions, positions[sel].to(state.positions.dtype)]),
+        )
+        exclude[sel, len(state.keys) + torch.arange(k, device=self.device)] = True
+        return extra, exclude
+
     def _volume_pass(
         self,
         emb: torch.Tensor,
@@ -456,8 +500,10 @@ class Assistant:
         ids: list[int],
         student: list[torch.Tensor | None],
         positions: torch.Tensor | None = None,
+        exclude: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder pass over a volume's slices, in chunks, each slice with its own prompt or none.
+        """One decoder pass over a volume's slices, in chunks, each slice with its own prompt or none
+        (exclude: (Z, N) templates a slice may not retrieve, or None).
         Returns probs (Z, 1+M, 256, 256) and confidence (Z, M)."""
         probs = torch.empty(len(emb), 1 + len(ids), IMAGE_SIZE, IMAGE_SIZE, device=self.device)
         conf = torch.empty(len(emb), len(ids), device=self.device)
@@ -467,7 +513,8 @@ class Assistant:
                 chunk = group[start : start + self.encode_batch]
                 st = torch.stack([student[j] for j in chunk]) if prompted else None
                 pos = None if positions is None else positions[chunk]
-                p, c = self._pass(emb[chunk], state, ids, st, pos)
+                ex = None if exclude is None else exclude[chunk]
+                p, c = self._pass(emb[chunk], state, ids, st, pos, ex)
                 probs[chunk], conf[chunk] = p, c
         return probs, conf
 
@@ -478,14 +525,20 @@ class Assistant:
                 self._answers.popitem(last=False)
 
     def _forward(
-        self, emb: torch.Tensor, state: _BankState, ids: list[int], positions: torch.Tensor | None = None, **prompts
+        self,
+        emb: torch.Tensor,
+        state: _BankState,
+        ids: list[int],
+        positions: torch.Tensor | None = None,
+        exclude: torch.Tensor | None = None,
+        **prompts,
     ):
         """The model on query embeddings (B, 256, 64, 64) with their top-k templates retrieved
         (positions: (B,) relative positions in their volume, or None); `prompts`: student_probs,
         sparse_prompts, mask_prompt (see VessaModel.forward)."""
         with torch.inference_mode(), self._autocast():
             emb = emb.to(torch.float32) if self.device.type == "cpu" else emb
-            idx = self._retrieve(global_descriptor(emb), state, positions)
+            idx = self._retrieve(global_descriptor(emb), state, positions, exclude)
             return self.model(
                 query_embeddings=emb,
                 template_keys=state.keys[idx],
@@ -516,8 +569,9 @@ class Assistant:
         ids: list[int],
         student: torch.Tensor | None,
         positions: torch.Tensor | None = None,
+        exclude: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._forward(emb, state, ids, positions, student_probs=student)
+        out = self._forward(emb, state, ids, positions, exclude, student_probs=student)
         return combine_classes(out.logits.float()), out.confidence.float()
 
     def _as_prompt(self, probs: torch.Tensor, ids: list[int]) -> torch.Tensor:
@@ -536,11 +590,18 @@ class Assistant:
         return []
 
     def _retrieve(
-        self, descriptors: torch.Tensor, state: _BankState, positions: torch.Tensor | None = None
+        self,
+        descriptors: torch.Tensor,
+        state: _BankState,
+        positions: torch.Tensor | None = None,
+        exclude: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Top-k templates by descriptor similarity; with a query's relative position in its volume and
-        `options.position_weight` > 0, templates from the same part of their own case are preferred."""
+        `options.position_weight` > 0, templates from the same part of their own case are preferred;
+        `exclude` (B, N) bool: templates a query may not retrieve (itself, as a volume template)."""
         sim = descriptors.float() @ state.descriptors.float().T
+        if exclude is not None:
+            sim = sim.masked_fill(exclude, float("-inf"))
         w = float(self.options.position_weight)
         if positions is not None and w > 0 and state.positions is not None and len(state.positions):
             sim = sim - w * (positions.float()[:, None] - state.positions.float()[None]).abs()

@@ -36,6 +36,12 @@ class InferenceOptions:
     position_weight: in a volume, retrieval prefers templates from the same relative position in their
     own case (base … apex): similarity − w·|position difference|. It assumes the volume's slices run in
     the same direction as the bank's cases (true for one dataset's export; 0 turns it off).
+
+    volume_templates: in a volume, after the first pass, its K most confident slices (with their
+    pseudo-labels) join the bank as extra templates for the other slices of that volume in the
+    refinement passes (one templates-only re-pass when refine_passes is 0): the same patient's anatomy
+    and contrast, which no labeled patient has. A slice never retrieves itself. Transductive, label-free:
+    only the assistant's own answers are used. 0 turns it off.
     """
 
     refine_passes: int = 0
@@ -44,6 +50,7 @@ class InferenceOptions:
     component_keep_share: float = 1.0
     num_templates: int | None = None
     position_weight: float = 0.0
+    volume_templates: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= int(self.refine_passes) <= 4:
@@ -58,6 +65,8 @@ class InferenceOptions:
             raise ValueError(f"num_templates must be 1-32, got {self.num_templates}")
         if not 0.0 <= float(self.position_weight) <= 2.0:
             raise ValueError(f"position_weight must be in [0, 2], got {self.position_weight}")
+        if not 0 <= int(self.volume_templates) <= 64:
+            raise ValueError(f"volume_templates must be 0-64, got {self.volume_templates}")
 
     def to_dict(self) -> dict:
         return asdict(self)

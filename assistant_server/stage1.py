@@ -58,6 +58,13 @@ class Stage1Settings(VessaSettings):
     ce_weight: float = 1.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
+    # Pixels within `boundary_px` of a class edge weigh 1 + boundary_weight in the cross-entropy: the
+    # errors that cost Dice and HD95 sit on edges (RV/Myo, the thin classes), not in blob interiors.
+    boundary_weight: float = Field(0.0, ge=0.0)
+    boundary_px: int = Field(2, ge=1, le=16)
+    # Cross-entropy class weights from the bank's own pixel counts, (1/freq)^class_balance normalised to
+    # mean 1 (0 = unweighted, 0.5 = inverse square root): small classes count for more.
+    class_balance: float = Field(0.0, ge=0.0, le=1.0)
     encoder: str = "litemedsam"
     use_text_tokens: bool = True
     use_label_transfer: bool = True
@@ -87,13 +94,45 @@ class Stage1Settings(VessaSettings):
         return v
 
 
+def boundary_map(labels: torch.Tensor, num_classes: int, px: int) -> torch.Tensor:
+    """labels: (B, H, W) long -> (B, H, W) bool, True within `px` pixels of an edge between classes."""
+    onehot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()
+    k = 2 * px + 1
+    dilated = F.max_pool2d(onehot, k, stride=1, padding=px)
+    eroded = -F.max_pool2d(-onehot, k, stride=1, padding=px)
+    return ((dilated - eroded) > 0.5).any(1)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int, power: float) -> torch.Tensor:
+    """(C,) cross-entropy weights (1/freq)^power over the pixels of `labels`, mean 1; absent classes 1."""
+    counts = torch.bincount(labels.flatten().long(), minlength=num_classes).double()
+    present = counts > 0
+    w = torch.ones(num_classes, dtype=torch.float64)
+    w[present] = (counts[present] / counts.sum()).pow(-power)
+    w[present] = w[present] / w[present].mean()
+    return w.float()
+
+
 def _loss(
-    logits: torch.Tensor, iou: torch.Tensor, labels: torch.Tensor, s: Stage1Settings
+    logits: torch.Tensor,
+    iou: torch.Tensor,
+    labels: torch.Tensor,
+    s: Stage1Settings,
+    ce_class_weight: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """logits: (B, M, H, W) for classes 1..M; iou: (B, M); labels: (B, H, W) long."""
+    """logits: (B, M, H, W) for classes 1..M; iou: (B, M); labels: (B, H, W) long; weights (M+1,)."""
     b, m, h, w = logits.shape
     full = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1).float()
-    ce = F.cross_entropy(full, labels)
+    if s.boundary_weight > 0 or ce_class_weight is not None:
+        # A weighted mean of per-pixel CE: with class weights alone it is torch's weighted CE.
+        wmap = torch.ones(labels.shape, device=full.device)
+        if ce_class_weight is not None:
+            wmap = ce_class_weight.to(full.device)[labels]
+        if s.boundary_weight > 0:
+            wmap = wmap * (1 + s.boundary_weight * boundary_map(labels, m + 1, s.boundary_px).float())
+        ce = (F.cross_entropy(full, labels, reduction="none") * wmap).sum() / wmap.sum()
+    else:
+        ce = F.cross_entropy(full, labels)
     probs = torch.softmax(full, dim=1)[:, 1:]
     onehot = F.one_hot(labels, m + 1).permute(0, 3, 1, 2)[:, 1:].float()
     inter = (probs * onehot).sum((0, 2, 3))
@@ -197,6 +236,9 @@ def train_stage1(s: Stage1Settings) -> Path:
         )
         print(f"augmented views: {s.augment_views} x {len(bank)} exemplars, {counts['encoded']} encoded, {counts['reused']} from the store")
         views_emb, views_lab = views_emb.to(device), views_lab.to(device).long()
+    ce_w = class_weights(labels_all, num_classes, s.class_balance).to(device) if s.class_balance else None
+    if ce_w is not None:
+        print("cross-entropy class weights:", ", ".join(f"{c.name}={w:.2f}" for c, w in zip(bank.classes, ce_w.tolist())))
     has_fg = (labels_all.flatten(1) > 0).any(1)
     fg_idx = torch.nonzero(has_fg).flatten()
     dropout = PromptDropout(s.drop_box, s.drop_points, s.drop_mask, s.drop_text)
@@ -252,7 +294,7 @@ def train_stage1(s: Stage1Settings) -> Path:
                     first = model(emb_src[qi].float(), tk, tl, text, class_ids)
                     student = combine_classes(first.logits.float())  # (B, C, H, W): every class asked
             outp = model(emb_src[qi].float(), tk, tl, text, class_ids, student_probs=student, dropout=dropout)
-            losses = _loss(outp.logits, outp.iou, labels, s)
+            losses = _loss(outp.logits, outp.iou, labels, s, ce_w)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

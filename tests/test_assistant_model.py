@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from assistant_server.modeling.foundation import (
 )
 from assistant_server.modeling.vessa import VessaConfig
 from assistant_server.simulated_student import simulate_student
-from assistant_server.stage1 import Stage1Settings, _loss, train_stage1
+from assistant_server.stage1 import Stage1Settings, _loss, boundary_map, class_weights, train_stage1
 from shared.data.types import ClassInfo
 
 
@@ -156,6 +157,50 @@ def test_a_few_training_steps_reduce_the_loss(tiny_bank, tmp_path):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_boundary_map_marks_only_pixels_near_a_class_edge():
+    label = torch.zeros(1, 20, 20, dtype=torch.long)
+    label[0, 5:15, 5:15] = 1
+    label[0, 8:12, 8:12] = 2
+    edge = boundary_map(label, 3, px=1)[0]
+    assert edge[5, 10] and edge[4, 10] and edge[7, 10] and edge[8, 10]  # both sides of both edges
+    assert not edge[0, 0] and not edge[10, 10] and not edge[6, 6]  # background, LV interior, ring middle
+    assert boundary_map(label, 3, px=2)[0].sum() > edge.sum()
+
+
+def test_class_weights_favour_rare_classes_and_average_one():
+    label = torch.zeros(100, dtype=torch.long)
+    label[:10] = 1
+    label[10:11] = 2
+    w = class_weights(label, 4, 0.5)  # class 3 absent: weight 1, left out of the mean
+    assert w[2] > w[1] > w[0] and w[3] == 1.0
+    assert abs(float(w[:3].mean()) - 1.0) < 1e-5
+    assert torch.allclose(class_weights(label, 4, 0.0), torch.ones(4))
+
+
+def test_weighted_losses_reduce_to_plain_ce_and_weigh_edges():
+    torch.manual_seed(0)
+    logits, iou = torch.randn(2, 3, 16, 16), torch.rand(2, 3)
+    label = torch.zeros(2, 16, 16, dtype=torch.long)
+    label[:, 4:12, 4:12] = 1
+    label[:, 6:10, 6:10] = 3
+    base = dict(bank=Path("b"), out=Path("o.pt"))
+    plain = _loss(logits, iou, label, Stage1Settings(**base))["ce"]
+    ones = _loss(logits, iou, label, Stage1Settings(**base), torch.ones(4))["ce"]
+    assert torch.allclose(plain, ones, atol=1e-6)  # unit class weights change nothing
+    w = torch.tensor([0.5, 1.0, 1.0, 2.0])
+    full = torch.cat([torch.zeros_like(logits[:, :1]), logits], 1)
+    ref = torch.nn.functional.cross_entropy(full, label, weight=w)
+    assert torch.allclose(_loss(logits, iou, label, Stage1Settings(**base), w)["ce"], ref, atol=1e-6)
+    # errors only on edge pixels: the boundary-weighted CE rises above the plain one
+    edge = boundary_map(label, 4, 2)
+    wrong = torch.full_like(logits, -8.0)
+    onehot = torch.nn.functional.one_hot(label, 4).permute(0, 3, 1, 2)[:, 1:].bool()
+    wrong[onehot] = 8.0
+    wrong[:, 0][edge] = 8.0  # edge pixels all claim class 1 too: wrong where the truth is 0 or 3
+    bw = _loss(wrong, iou, label, Stage1Settings(**base, boundary_weight=4.0))["ce"]
+    assert bw > _loss(wrong, iou, label, Stage1Settings(**base))["ce"]
 
 
 def test_stage1_cli_path_trains_saves_and_resumes(tiny_bank, tmp_path):

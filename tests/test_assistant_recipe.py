@@ -87,6 +87,7 @@ def test_inference_options_validate_and_round_trip():
         {"position_weight": -1},
         {"component_keep_share": 0.0},
         {"component_keep_share": 1.5},
+        {"volume_templates": -1},
     ):
         with pytest.raises(ValueError):
             InferenceOptions(**bad)
@@ -262,3 +263,38 @@ def test_position_aware_retrieval(tiny_assistant):
         assert torch.equal(plain[0], plain[1])  # without the weight the position is ignored
     finally:
         a.options = InferenceOptions()
+
+
+def test_volume_templates_join_the_bank_and_a_slice_never_retrieves_itself(tiny_assistant, synth_dir):
+    from assistant_server.inference import SliceInput
+
+    a = tiny_assistant
+    st = a.bank_state()
+    z, n, m = 3, len(st.keys), len(a.classes) - 1
+    emb = torch.stack(a.embeddings([SliceInput(image=im) for im in _volume(synth_dir)[:z]])[1])
+    probs = torch.zeros(z, 1 + m, 256, 256)
+    probs[:, 0] = 1.0
+    probs[1:, 0, 100:140, 100:140], probs[1:, m, 100:140, 100:140] = 0.0, 1.0  # slice 0: background only
+    conf = torch.tensor([[0.9] * m, [0.8] * m, [0.5] * m])
+    try:
+        a.options = InferenceOptions(volume_templates=5)  # more than the 2 slices with foreground
+        extra, exclude = a._with_volume_templates(st, emb, probs, conf, torch.tensor([0.0, 0.5, 1.0]), list(range(1, m + 1)))
+        assert extra.keys.shape[0] == n + 2 and extra.label_grid.shape[0] == n + 2 and extra.positions.shape == (n + 2,)
+        assert exclude.shape == (z, n + 2) and int(exclude.sum()) == 2
+        assert exclude[1, n] and exclude[2, n + 1]  # slice 1 (more confident) first, then slice 2
+        assert torch.allclose(extra.label_grid[n + 1], a.model.matcher.label_grid(
+            torch.nn.functional.one_hot(probs[2].argmax(0), m + 1).permute(2, 0, 1)[None].float())[0])
+        # a query identical to slice 1 would retrieve itself first; excluded, it never does
+        desc = extra.descriptors[n + 0 : n + 1].clone()
+        a.num_templates = 2
+        assert n in a._retrieve(desc, extra, None, None)[0].tolist()
+        assert n not in a._retrieve(desc, extra, None, exclude[1:2])[0].tolist()
+        image = _volume(synth_dir)[:2]
+        for passes in (0, 1):
+            a.options = InferenceOptions(volume_templates=2, refine_passes=passes)
+            a._answers.clear()
+            vol = a.predict_volume([SliceInput(image=image[k]) for k in range(2)], return_probs=True)
+            assert all(o.status == "ok" and o.label.shape == image.shape[1:] for o in vol)
+    finally:
+        a.options = InferenceOptions()
+        a.num_templates = a.model.config.num_templates
