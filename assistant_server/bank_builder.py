@@ -65,6 +65,10 @@ def build_bank(
     from shared.data.split import split_by_patient
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu":
+        from assistant_server.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()  # a long CPU batch job: reuse freed blocks instead of faulting them in again
     ds = open_dataset(data)
     split = split_by_patient(ds, n_labeled)
     model = encoder_for(encoder, ckpt).to(dev).eval()

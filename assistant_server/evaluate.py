@@ -112,9 +112,12 @@ class _Baselines:
 
 
 def evaluate_assistant(s: EvalSettings) -> dict:
+    from assistant_server.cpu_memory import keep_freed_memory
     from shared.data import open_dataset
     from shared.metrics import comparison_table, evaluate_volume, summarise
 
+    if (s.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
+        keep_freed_memory()  # a long CPU batch job: reuse freed blocks instead of faulting them in again
     bank_dir = _bank_for(s)
     assistant = Assistant.from_files(
         s.ckpt,
