@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from assistant_server.bank import Exemplar, TemplateBank
 from assistant_server.checkpoint import build_model, load_checkpoint
+from assistant_server.cpu_memory import keep_freed_memory
 from assistant_server.modeling.foundation import IMAGE_SIZE, module_state_hash
 from assistant_server.modeling.vessa import VessaConfig, VessaModel
 from assistant_server.precision import autocast
@@ -65,10 +66,7 @@ def build_bank(
     from shared.data.split import split_by_patient
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cpu":
-        from assistant_server.cpu_memory import keep_freed_memory
-
-        keep_freed_memory()  # a long CPU batch job: reuse freed blocks instead of faulting them in again
+    keep_freed_memory(dev)  # a long batch job: on the CPU, reuse freed blocks instead of faulting them in
     ds = open_dataset(data)
     split = split_by_patient(ds, n_labeled)
     model = encoder_for(encoder, ckpt).to(dev).eval()

@@ -15,16 +15,23 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
 _applied = False
 
 
-def keep_freed_memory() -> bool:
-    """Tell glibc malloc to serve large blocks from the heap and keep freed ones (once per process).
-    Returns whether it applies: False off Linux/glibc or with VESSA_KEEP_FREED_MEMORY=0."""
+def keep_freed_memory(device: torch.device) -> bool:
+    """For a batch job whose model runs on `device`: on the CPU, tell glibc malloc to serve large blocks
+    from the heap and keep freed ones (once per process). Returns whether it applies: False for another
+    device, off Linux/glibc, or with VESSA_KEEP_FREED_MEMORY=0."""
     global _applied
+    if device.type != "cpu":
+        return False
     if _applied:
         return True
     if not sys.platform.startswith("linux") or os.environ.get("VESSA_KEEP_FREED_MEMORY", "1") == "0":

@@ -116,8 +116,6 @@ def evaluate_assistant(s: EvalSettings) -> dict:
     from shared.data import open_dataset
     from shared.metrics import comparison_table, evaluate_volume, summarise
 
-    if (s.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
-        keep_freed_memory()  # a long CPU batch job: reuse freed blocks instead of faulting them in again
     bank_dir = _bank_for(s)
     assistant = Assistant.from_files(
         s.ckpt,
@@ -128,6 +126,7 @@ def evaluate_assistant(s: EvalSettings) -> dict:
         options=s.inference_overrides(),
         cpu_bf16=s.cpu_bf16,
     )
+    keep_freed_memory(assistant.device)  # a long batch job: on the CPU, reuse freed blocks
     baselines = _Baselines(assistant)
     ds = open_dataset(s.data)
     num_classes = len(assistant.classes)

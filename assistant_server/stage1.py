@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from assistant_server.bank import TemplateBank
 from assistant_server.checkpoint import build_model, read_checkpoint, save_checkpoint
+from assistant_server.cpu_memory import keep_freed_memory
 from assistant_server.inference_options import InferenceOptions
 from assistant_server.modeling.foundation import module_state_hash
 from assistant_server.modeling.vessa import PromptDropout, VessaConfig, VessaModel, combine_classes
@@ -169,10 +170,7 @@ def train_stage1(s: Stage1Settings) -> Path:
     if s.threads:
         torch.set_num_threads(s.threads)
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        from assistant_server.cpu_memory import keep_freed_memory
-
-        keep_freed_memory()  # a step's ~70 MB activations: reused, not page-faulted in again each step
+    keep_freed_memory(device)  # on the CPU a step's ~70 MB activations are reused, not faulted in again
     bank = TemplateBank(s.bank)
     t = bank.tensors()
     if len(bank) < 2:

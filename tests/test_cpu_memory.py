@@ -11,7 +11,9 @@ _SCRIPT = """
 import resource, sys, torch
 from assistant_server.cpu_memory import keep_freed_memory
 if sys.argv[1] == "1":
-    assert keep_freed_memory() and keep_freed_memory()  # a second call is a no-op that still says yes
+    cpu = torch.device("cpu")
+    assert keep_freed_memory(cpu) and keep_freed_memory(cpu)  # a second call is a no-op that still says yes
+    assert not keep_freed_memory(torch.device("meta"))  # another device: nothing to do
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def loop(n):
