@@ -231,3 +231,30 @@ def assistant_embed(
 
     n = embed_dataset(data, store, device=device, batch_size=batch_size)
     typer.echo(f"{n} embeddings in {store}")
+
+
+@assistant_app.command("pseudo-bank")
+def assistant_pseudo_bank(
+    ckpt: Path = typer.Option(..., "--ckpt", help="the teacher: a Stage-1 checkpoint"),
+    data: Path = typer.Option(..., "--data", help="dataset whose unlabeled training volumes are labeled"),
+    labeled: int = typer.Option(..., "--labeled", help="labeled patients (the first N); the rest are unlabeled"),
+    out: Path = typer.Option(..., "--out", help="pseudo-labeled bank directory to create"),
+    bank: Path | None = typer.Option(None, "--bank", help="the teacher's bank (default: its training bank)"),
+    patients: int = typer.Option(16, "--patients", help="unlabeled patients to label, spread over the order"),
+    keep: float = typer.Option(0.5, "--keep", help="share of each volume's foreground slices kept, by confidence"),
+    holdout_patients: int = typer.Option(
+        0, "--holdout-patients", help="leave out the last K patients (the `vessa data holdout` set)"
+    ),
+    device: str | None = typer.Option(None),
+    embed_store: Path | None = typer.Option(None, "--embed-store", help="persistent embedding store"),
+):
+    """Self-training data: the teacher labels unlabeled volumes, its most confident slices become a bank
+    for Stage-1's `pseudo_bank`/`p_pseudo` (no label of an unlabeled case is read)."""
+    from assistant_server.pseudo_bank import PseudoBankSettings, build_pseudo_bank
+
+    s = PseudoBankSettings(
+        ckpt=ckpt, data=data, labeled=labeled, out=out, bank=bank, patients=patients, keep=keep,
+        holdout_patients=holdout_patients, device=device, embed_store=embed_store,
+    )
+    pb = build_pseudo_bank(s)
+    typer.echo(f"pseudo-labeled bank {out}: {len(pb)} exemplars from {len(set(pb.patient_ids()))} patients")

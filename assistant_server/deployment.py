@@ -41,7 +41,7 @@ class AssistantSettings(VessaSettings):
     cache_store: Path | None = None
     max_batch_slices: int = 64
     batch_wait_timeout_s: float = 0.005
-    encode_batch: int = 64
+    encode_batch: int | None = None  # None: 64 on a GPU, 4 on a CPU (inference.default_encode_batch)
     answer_cache_entries: int = 1024  # templates-only answers kept (inference.py); 0: off
     cpu_bf16: bool = False  # bf16 autocast on a CPU replica (about 2x faster; inference.py)
     torch_threads: int | None = None  # CPU replicas: torch threads per model call (None: leave as is)

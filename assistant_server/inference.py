@@ -107,6 +107,16 @@ class _BankState:
     positions: torch.Tensor | None = None  # (N,) each exemplar's relative position in its case, 0..1
 
 
+# Slices per encoder (and decoder) call. On a CPU a large batch is slower per slice and its activations
+# take gigabytes (16 slices: 2x slower than 4, 6.8 GB against 3.1; benchmarks/cpu_encode_batch.py).
+GPU_ENCODE_BATCH = 64
+CPU_ENCODE_BATCH = 4
+
+
+def default_encode_batch(device: torch.device) -> int:
+    return CPU_ENCODE_BATCH if device.type == "cpu" else GPU_ENCODE_BATCH
+
+
 class Assistant:
     def __init__(
         self,
@@ -116,7 +126,7 @@ class Assistant:
         device: str | torch.device | None = None,
         cache: EmbeddingCache | None = None,
         model_version: str = "untrained",
-        encode_batch: int = 32,
+        encode_batch: int | None = None,
         answer_cache_entries: int = 1024,
         cpu_bf16: bool = False,
         options: InferenceOptions | None = None,
@@ -130,7 +140,7 @@ class Assistant:
         bank.check_compatible(self.classes, self.encoder_id)
         self.cache = cache or EmbeddingCache(self.device)
         self.model_version = model_version
-        self.encode_batch = encode_batch
+        self.encode_batch = encode_batch or default_encode_batch(self.device)
         self.options = options or InferenceOptions()
         self.num_templates = self.options.num_templates or model.config.num_templates
         self.cpu_bf16 = cpu_bf16  # bf16 on the CPU too (assistant_server/precision.py)
@@ -160,7 +170,7 @@ class Assistant:
         cache_device_entries: int = 4096,
         cache_host_entries: int = 16384,
         cache_store: str | Path | None = None,
-        encode_batch: int = 32,
+        encode_batch: int | None = None,
         answer_cache_entries: int = 1024,
         cpu_bf16: bool = False,
         options: dict | None = None,

@@ -6,6 +6,8 @@ Half the episodes carry a simulated student mask as the dense prompt (simulated_
 prompt with templates only; box, points, mask and text prompts are dropped at random. The encoder is
 frozen, so episodes run on the bank's cached embeddings: one encoder pass per exemplar, ever.
 Loss: multi-class cross-entropy over [background, classes] + soft Dice + MSE of the predicted IoU.
+Self-training (`pseudo_bank`, `p_pseudo`): some steps' queries are a teacher's confident answers on
+unlabeled slices (assistant_server/pseudo_bank.py), with templates from the labeled bank.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ class Stage1Settings(VessaSettings):
     # Cross-entropy class weights from the bank's own pixel counts, (1/freq)^class_balance normalised to
     # mean 1 (0 = unweighted, 0.5 = inverse square root): small classes count for more.
     class_balance: float = Field(0.0, ge=0.0, le=1.0)
+    # Self-training (assistant_server/pseudo_bank.py): with probability p_pseudo a step's queries are
+    # teacher-labeled slices of unlabeled patients; their templates still come from the labeled bank,
+    # and the IoU head is not trained on them (its target would be agreement with the teacher).
+    pseudo_bank: Path | None = None
+    p_pseudo: float = Field(0.0, ge=0.0, le=1.0)
     encoder: str = "litemedsam"
     use_text_tokens: bool = True
     use_label_transfer: bool = True
@@ -120,6 +127,7 @@ def _loss(
     labels: torch.Tensor,
     s: Stage1Settings,
     ce_class_weight: torch.Tensor | None = None,
+    train_iou: bool = True,
 ) -> dict[str, torch.Tensor]:
     """logits: (B, M, H, W) for classes 1..M; iou: (B, M); labels: (B, H, W) long; weights (M+1,)."""
     b, m, h, w = logits.shape
@@ -146,7 +154,9 @@ def _loss(
             union > 0, (pred & gt).sum((2, 3)).float() / union.clamp_min(1), torch.ones_like(union)
         )
     iou_mse = F.mse_loss(iou.float(), target)
-    total = s.ce_weight * ce + s.dice_weight * dice + (s.iou_weight * iou_mse if s.use_iou_head else 0.0)
+    total = s.ce_weight * ce + s.dice_weight * dice
+    if s.use_iou_head and train_iou:
+        total = total + s.iou_weight * iou_mse
     return {"loss": total, "ce": ce, "dice": dice, "iou_mse": iou_mse}
 
 
@@ -160,6 +170,27 @@ def _candidates(descriptors: torch.Tensor, patients: list[str], k: int) -> torch
         raise ValueError("Stage-1 training needs labeled exemplars from at least two patients")
     kk = min(2 * k, int(others))
     return sim.topk(kk, dim=1).indices
+
+
+def _pseudo_queries(
+    bank: TemplateBank, pseudo_dir: Path, k: int, encoder_id: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pseudo-labeled bank's embeddings (P, 256, 64, 64), labels (P, 256, 256) and, per exemplar,
+    its 2k nearest labeled exemplars (P, 2k): the templates of a pseudo-labeled query."""
+    pseudo = TemplateBank(pseudo_dir)
+    pseudo.check_compatible(bank.classes, encoder_id)
+    if len(pseudo) == 0:
+        raise ValueError(f"pseudo-labeled bank {pseudo_dir} is empty")
+    shared_patients = set(pseudo.patient_ids()) & set(bank.patient_ids())
+    if shared_patients:
+        raise ValueError(
+            f"pseudo-labeled bank {pseudo_dir} holds labeled patients {sorted(shared_patients)[:5]}: "
+            "build it from unlabeled patients only"
+        )
+    pt = pseudo.tensors()
+    sim = pt["descriptor"].float() @ bank.tensors()["descriptor"].float().T
+    cands = sim.topk(min(2 * k, sim.shape[1]), dim=1).indices
+    return pt["embedding"], pt["label"].long(), cands
 
 
 def train_stage1(s: Stage1Settings) -> Path:
@@ -236,11 +267,21 @@ def train_stage1(s: Stage1Settings) -> Path:
             seed=s.seed,
             cpu_bf16=s.cpu_bf16,
         )
-        print(f"augmented views: {s.augment_views} x {len(bank)} exemplars, {counts['encoded']} encoded, {counts['reused']} from the store")
+        print(
+            f"augmented views: {s.augment_views} x {len(bank)} exemplars, {counts['encoded']} encoded, {counts['reused']} from the store"
+        )
         views_emb, views_lab = views_emb.to(device), views_lab.to(device).long()
     ce_w = class_weights(labels_all, num_classes, s.class_balance).to(device) if s.class_balance else None
     if ce_w is not None:
-        print("cross-entropy class weights:", ", ".join(f"{c.name}={w:.2f}" for c, w in zip(bank.classes, ce_w.tolist())))
+        print(
+            "cross-entropy class weights:",
+            ", ".join(f"{c.name}={w:.2f}" for c, w in zip(bank.classes, ce_w.tolist())),
+        )
+    pseudo = None
+    if s.pseudo_bank is not None and s.p_pseudo > 0:
+        p_emb, p_lab, p_cands = _pseudo_queries(bank, s.pseudo_bank, s.num_templates, bank.encoder_id)
+        pseudo = (p_emb.to(device), p_lab.to(device), p_cands.to(device))
+        print(f"self-training: {len(p_emb)} pseudo-labeled exemplars, p_pseudo {s.p_pseudo}")
     has_fg = (labels_all.flatten(1) > 0).any(1)
     fg_idx = torch.nonzero(has_fg).flatten()
     dropout = PromptDropout(s.drop_box, s.drop_points, s.drop_mask, s.drop_text)
@@ -279,7 +320,15 @@ def train_stage1(s: Stage1Settings) -> Path:
         if views_emb is not None and float(torch.rand((), generator=g)) < s.p_augment:
             v = int(torch.randint(len(views_emb), (), generator=g))
             emb_src, lab_src = views_emb[v], views_lab[v]
-        labels = lab_src[qi]
+        q_emb, labels = emb_src[qi], lab_src[qi]
+        from_pseudo = pseudo is not None and float(torch.rand((), generator=g)) < s.p_pseudo
+        if from_pseudo:
+            # A pseudo-labeled query (original view) with real templates from the labeled bank.
+            p_emb, p_lab, p_cands = pseudo
+            pq = torch.randint(len(p_emb), (s.batch_size,), generator=g).to(device)
+            ti = torch.gather(p_cands[pq], 1, pick.to(device) % p_cands.shape[1])
+            emb_src, lab_src = emb_all, labels_all
+            q_emb, labels = p_emb[pq], p_lab[pq]
         with amp:
             tk = model.template_keys(emb_src[ti.flatten()].float())
             tk = tk.reshape(s.batch_size, s.num_templates, *tk.shape[1:])
@@ -293,10 +342,10 @@ def train_stage1(s: Stage1Settings) -> Path:
                 student = simulate_student(labels, num_classes, g)
             elif r < s.p_student + s.p_self:
                 with torch.no_grad():
-                    first = model(emb_src[qi].float(), tk, tl, text, class_ids)
+                    first = model(q_emb.float(), tk, tl, text, class_ids)
                     student = combine_classes(first.logits.float())  # (B, C, H, W): every class asked
-            outp = model(emb_src[qi].float(), tk, tl, text, class_ids, student_probs=student, dropout=dropout)
-            losses = _loss(outp.logits, outp.iou, labels, s, ce_w)
+            outp = model(q_emb.float(), tk, tl, text, class_ids, student_probs=student, dropout=dropout)
+            losses = _loss(outp.logits, outp.iou, labels, s, ce_w, train_iou=not from_pseudo)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

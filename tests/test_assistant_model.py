@@ -228,3 +228,16 @@ def test_stage1_cli_path_trains_saves_and_resumes(tiny_bank, tmp_path):
     bad.write_bytes(bytes(blob))
     with pytest.raises(CheckpointError):
         load_checkpoint(bad)
+
+
+def test_cpu_encode_batch_is_small_and_chunking_does_not_change_answers(tiny_bank):
+    from assistant_server.inference import CPU_ENCODE_BATCH
+
+    a = Assistant.from_files("random", tiny_bank, device="cpu", encoder="tiny", answer_cache_entries=0)
+    assert a.encode_batch == CPU_ENCODE_BATCH  # large CPU batches are slower and take gigabytes
+    one = Assistant.from_files("random", tiny_bank, device="cpu", encoder="tiny", encode_batch=1)
+    rng = np.random.default_rng(1)
+    vol = [SliceInput(image=rng.random((120, 140), dtype=np.float32)) for _ in range(CPU_ENCODE_BATCH + 2)]
+    for x, y in zip(a.predict_volume(vol), one.predict_volume(vol)):
+        assert np.array_equal(x.label, y.label)
+        assert np.allclose(x.confidence, y.confidence, atol=1e-4, equal_nan=True)
