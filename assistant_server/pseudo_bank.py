@@ -133,9 +133,10 @@ def build_pseudo_bank(s: PseudoBankSettings) -> TemplateBank:
                     width=int(it.image.shape[1]),
                 )
             )
-            images.append(encoder_input([it.image], "cpu")[0, 0])
+            # float16, as the bank stores them: a few hundred exemplars stay well under a gigabyte
+            images.append(encoder_input([it.image], "cpu")[0, 0].to(torch.float16))
             labels.append(resize_label(outs[j].label))
-            embs.append(emb.float().cpu())
+            embs.append(emb.to("cpu", torch.float16))
         report.append(
             {
                 "case_id": cid,

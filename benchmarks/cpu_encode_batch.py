@@ -29,7 +29,7 @@ def _one(bank: str, batch: int, slices: int) -> dict:
     from assistant_server.cpu_memory import keep_freed_memory
     from assistant_server.inference import Assistant, SliceInput
 
-    a = Assistant.from_files("random", bank, device="cpu", encode_batch=batch, answer_cache_entries=0)
+    a = Assistant.from_files("pretrained", bank, device="cpu", encode_batch=batch, answer_cache_entries=0)
     keep_freed_memory(a.device)
     rng = np.random.default_rng(0)
     for _rep in range(2):  # new images each time: every slice is encoded; the first call warms up
@@ -66,7 +66,9 @@ def main() -> None:
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         cmd = [sys.executable, "-m", "benchmarks.cpu_encode_batch", "--slices", str(args.slices), "--_one"]
-        out = subprocess.run([*cmd, str(work / "bank"), str(b)], capture_output=True, text=True, check=True)
+        out = subprocess.run([*cmd, str(work / "bank"), str(b)], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"batch {b} failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]["s_per_slice"]
     print(

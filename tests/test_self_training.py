@@ -48,34 +48,41 @@ def teacher(tiny_bank, tmp_path_factory):
     return train_stage1(Stage1Settings(bank=tiny_bank, out=out, steps=2, batch_size=1, encoder="tiny"))
 
 
-def test_pseudo_bank_labels_unlabeled_volumes_without_reading_their_labels(
-    teacher, tiny_bank, synth_dir, tmp_path, monkeypatch
-):
+@pytest.fixture(scope="module")
+def pseudo(teacher, synth_dir, tmp_path_factory):
+    """A pseudo-labeled bank built while every label-reading path of the dataset fails if called."""
     from shared.data import open_dataset
-    from shared.data.split import split_by_patient
 
     ds_cls = type(open_dataset(synth_dir))
-    split = split_by_patient(open_dataset(synth_dir), 3)
 
     def refuse(*_a, **_k):
         raise AssertionError("the pseudo-bank builder read a label")
 
-    # every label-reading path of the dataset class fails the test if called
-    monkeypatch.setattr(ds_cls, "read_labeled", refuse)
-    monkeypatch.setattr(ds_cls, "read_volume", refuse)
-    out = tmp_path / "pseudo"
-    pb = build_pseudo_bank(
-        PseudoBankSettings(
-            ckpt=teacher,
-            data=synth_dir,
-            labeled=3,
-            out=out,
-            patients=2,
-            keep=0.5,
-            holdout_patients=2,
-            device="cpu",
+    out = tmp_path_factory.mktemp("pseudo") / "bank"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ds_cls, "read_labeled", refuse)
+        mp.setattr(ds_cls, "read_volume", refuse)
+        build_pseudo_bank(
+            PseudoBankSettings(
+                ckpt=teacher,
+                data=synth_dir,
+                labeled=3,
+                out=out,
+                patients=2,
+                keep=0.5,
+                holdout_patients=2,
+                device="cpu",
+            )
         )
-    )
+    return out
+
+
+def test_pseudo_bank_labels_unlabeled_volumes_without_reading_their_labels(pseudo, tiny_bank, synth_dir):
+    from shared.data import open_dataset
+    from shared.data.split import split_by_patient
+
+    split = split_by_patient(open_dataset(synth_dir), 3)
+    pb = TemplateBank(pseudo)
     assert len(pb) > 0
     patients = set(pb.patient_ids())
     assert patients <= set(split.unlabeled_patients[:-2]) and len(patients) <= 2  # the holdout stays unseen
@@ -84,14 +91,10 @@ def test_pseudo_bank_labels_unlabeled_volumes_without_reading_their_labels(
     t = pb.tensors()
     assert t["embedding"].shape == (len(pb), 256, 64, 64) and t["label"].shape == (len(pb), 256, 256)
     assert int(t["label"].max()) < len(pb.classes) and (t["label"].flatten(1) > 0).any(1).all()
-    assert (out / "pseudo_labels.json").is_file() and (out / "pseudo_bank.resolved.yaml").is_file()
+    assert (pseudo / "pseudo_labels.json").is_file() and (pseudo / "pseudo_bank.resolved.yaml").is_file()
 
 
-def test_stage1_self_training_draws_pseudo_queries(teacher, tiny_bank, synth_dir, tmp_path):
-    pseudo = tmp_path / "pseudo"
-    build_pseudo_bank(
-        PseudoBankSettings(ckpt=teacher, data=synth_dir, labeled=3, out=pseudo, patients=2, device="cpu")
-    )
+def test_stage1_self_training_draws_pseudo_queries(pseudo, tiny_bank, tmp_path):
     out = tmp_path / "st" / "assistant.pt"
     s = Stage1Settings(
         bank=tiny_bank, out=out, steps=2, batch_size=2, encoder="tiny", pseudo_bank=pseudo, p_pseudo=1.0
