@@ -240,10 +240,10 @@ def assistant_pseudo_bank(
     labeled: int = typer.Option(..., "--labeled", help="labeled patients (the first N); the rest are unlabeled"),
     out: Path = typer.Option(..., "--out", help="pseudo-labeled bank directory to create"),
     bank: Path | None = typer.Option(None, "--bank", help="the teacher's bank (default: its training bank)"),
-    patients: int = typer.Option(16, "--patients", help="unlabeled patients to label, spread over the order"),
-    keep: float = typer.Option(0.5, "--keep", help="share of each volume's foreground slices kept, by confidence"),
-    holdout_patients: int = typer.Option(
-        0, "--holdout-patients", help="leave out the last K patients (the `vessa data holdout` set)"
+    patients: int | None = typer.Option(None, "--patients", help="unlabeled patients to label (default 16)"),
+    keep: float | None = typer.Option(None, "--keep", help="share of each volume's foreground slices kept (0.5)"),
+    holdout_patients: int | None = typer.Option(
+        None, "--holdout-patients", help="leave out the last K patients (the `vessa data holdout` set)"
     ),
     device: str | None = typer.Option(None),
     embed_store: Path | None = typer.Option(None, "--embed-store", help="persistent embedding store"),
@@ -252,9 +252,10 @@ def assistant_pseudo_bank(
     for Stage-1's `pseudo_bank`/`p_pseudo` (no label of an unlabeled case is read)."""
     from assistant_server.pseudo_bank import PseudoBankSettings, build_pseudo_bank
 
+    given = {"patients": patients, "keep": keep, "holdout_patients": holdout_patients}  # None: the settings' default
     s = PseudoBankSettings(
-        ckpt=ckpt, data=data, labeled=labeled, out=out, bank=bank, patients=patients, keep=keep,
-        holdout_patients=holdout_patients, device=device, embed_store=embed_store,
+        ckpt=ckpt, data=data, labeled=labeled, out=out, bank=bank, device=device, embed_store=embed_store,
+        **{k: v for k, v in given.items() if v is not None},
     )
     pb = build_pseudo_bank(s)
     typer.echo(f"pseudo-labeled bank {out}: {len(pb)} exemplars from {len(set(pb.patient_ids()))} patients")

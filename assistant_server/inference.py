@@ -108,7 +108,7 @@ class _BankState:
 
 
 # Slices per encoder (and decoder) call. On a CPU a large batch is slower per slice and its activations
-# take gigabytes (16 slices: 2x slower than 4, 6.8 GB against 3.1; benchmarks/cpu_encode_batch.py).
+# take gigabytes (16 slices: 1.5x slower than 4, 8.7 GB peak against 4.9; benchmarks/cpu_encode_batch.py).
 GPU_ENCODE_BATCH = 64
 CPU_ENCODE_BATCH = 4
 
@@ -188,7 +188,9 @@ class Assistant:
             classes = payload["classes"]
             version = f"{Path(ckpt).name}@{payload['step']}:{payload['weight_hashes']['state'][:12]}"
             stored = dict(payload["extra"].get("inference") or {})
-        opts = InferenceOptions.from_dict({**stored, **{k: v for k, v in (options or {}).items() if v is not None}})
+        opts = InferenceOptions.from_dict(
+            {**stored, **{k: v for k, v in (options or {}).items() if v is not None}}
+        )
         device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cache = EmbeddingCache(device_t, cache_device_entries, cache_host_entries, cache_store)
         return cls(
@@ -335,7 +337,11 @@ class Assistant:
                         self._stats["answer_hits"] += 1
         # Slices with and without student prompts go through the decoder as two groups.
         groups = [
-            [i for i, e in enumerate(embs) if e is not None and outputs[i] is None and slices[i].student_probs is None],
+            [
+                i
+                for i, e in enumerate(embs)
+                if e is not None and outputs[i] is None and slices[i].student_probs is None
+            ],
             [i for i, e in enumerate(embs) if e is not None and slices[i].student_probs is not None],
         ]
         lcc_ids = self._lcc_classes(state, ids)
@@ -416,9 +422,7 @@ class Assistant:
         if not present:
             return outputs  # type: ignore[return-value]
         student = [
-            None
-            if slices[i].student_probs is None
-            else self._student_map(slices[i].student_probs)
+            None if slices[i].student_probs is None else self._student_map(slices[i].student_probs)
             for i in present
         ]
         self._sync()
@@ -451,7 +455,9 @@ class Assistant:
         lcc_ids = self._lcc_classes(state, ids)
         same_size = len({o.label.shape for o in finished}) == 1
         if lcc_ids and same_size:
-            volume = keep_largest(np.stack([o.label for o in finished]), lcc_ids, self.options.component_keep_share)
+            volume = keep_largest(
+                np.stack([o.label for o in finished]), lcc_ids, self.options.component_keep_share
+            )
             for o, lab in zip(finished, volume):
                 o.label = lab
         elif lcc_ids:
@@ -498,7 +504,9 @@ class Assistant:
             keys=torch.cat([state.keys, keys]),
             label_grid=torch.cat([state.label_grid, grid.to(state.label_grid.dtype)]),
             descriptors=torch.cat([state.descriptors, desc.to(state.descriptors.dtype)]),
-            positions=None if state.positions is None else torch.cat([state.positions, positions[sel].to(state.positions.dtype)]),
+            positions=None
+            if state.positions is None
+            else torch.cat([state.positions, positions[sel].to(state.positions.dtype)]),
         )
         exclude[sel, len(state.keys) + torch.arange(k, device=self.device)] = True
         return extra, exclude

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.config import VessaSettings, save_resolved
+
+if TYPE_CHECKING:
+    from assistant_server.stage1 import Stage1Settings
 
 
 class SelfTrainSettings(BaseModel):
@@ -102,14 +105,16 @@ def run_recipe(s: RecipeSettings) -> Path:
     path = train_stage1(stage1)
     if s.self_train is None:
         return path
-    return _self_train(s, s.self_train, stage1, path)
+    return _self_train(s, stage1, path)
 
 
-def _self_train(s: RecipeSettings, st: SelfTrainSettings, teacher: Any, teacher_ckpt: Path) -> Path:
+def _self_train(s: RecipeSettings, teacher: Stage1Settings, teacher_ckpt: Path) -> Path:
     """The teacher labels unlabeled volumes; Stage-1 is trained again with those as extra queries."""
     from assistant_server.pseudo_bank import PseudoBankSettings, build_pseudo_bank
     from assistant_server.stage1 import train_stage1
 
+    st = s.self_train
+    assert st is not None
     out = Path(s.out)
     pseudo_dir = out / "pseudo_bank"
     if (pseudo_dir / "pseudo_labels.json").is_file():  # written last: the build finished

@@ -173,12 +173,12 @@ def _candidates(descriptors: torch.Tensor, patients: list[str], k: int) -> torch
 
 
 def _pseudo_queries(
-    bank: TemplateBank, pseudo_dir: Path, k: int, encoder_id: str
+    bank: TemplateBank, pseudo_dir: Path, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pseudo-labeled bank's embeddings (P, 256, 64, 64), labels (P, 256, 256) and, per exemplar,
     its 2k nearest labeled exemplars (P, 2k): the templates of a pseudo-labeled query."""
     pseudo = TemplateBank(pseudo_dir)
-    pseudo.check_compatible(bank.classes, encoder_id)
+    pseudo.check_compatible(bank.classes, bank.encoder_id)
     if len(pseudo) == 0:
         raise ValueError(f"pseudo-labeled bank {pseudo_dir} is empty")
     shared_patients = set(pseudo.patient_ids()) & set(bank.patient_ids())
@@ -279,7 +279,7 @@ def train_stage1(s: Stage1Settings) -> Path:
         )
     pseudo = None
     if s.pseudo_bank is not None and s.p_pseudo > 0:
-        p_emb, p_lab, p_cands = _pseudo_queries(bank, s.pseudo_bank, s.num_templates, bank.encoder_id)
+        p_emb, p_lab, p_cands = _pseudo_queries(bank, s.pseudo_bank, s.num_templates)
         pseudo = (p_emb.to(device), p_lab.to(device), p_cands.to(device))
         print(f"self-training: {len(p_emb)} pseudo-labeled exemplars, p_pseudo {s.p_pseudo}")
     has_fg = (labels_all.flatten(1) > 0).any(1)
