@@ -239,5 +239,8 @@ def test_cpu_encode_batch_is_small_and_chunking_does_not_change_answers(tiny_ban
     rng = np.random.default_rng(1)
     vol = [SliceInput(image=rng.random((120, 140), dtype=np.float32)) for _ in range(CPU_ENCODE_BATCH + 2)]
     for x, y in zip(a.predict_volume(vol), one.predict_volume(vol)):
-        assert np.array_equal(x.label, y.label)
+        # Batches of 4 and of 1 round floats differently (~1e-8), and this random-weight model's class
+        # probabilities are near-ties, so an odd pixel may flip; a chunking error (a slice answered
+        # with another's embedding, or out of order) changes most of them.
+        assert (x.label != y.label).mean() < 1e-3
         assert np.allclose(x.confidence, y.confidence, atol=1e-4, equal_nan=True)
