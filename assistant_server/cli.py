@@ -129,6 +129,7 @@ def assistant_recipe(
     device: str | None = typer.Option(None, help="cpu, cuda, … (default: cuda if available)"),
     steps: int | None = typer.Option(None, help="override the config's Stage-1 steps"),
     batch_size: int | None = typer.Option(None, help="override the config's Stage-1 batch size"),
+    seed: int | None = typer.Option(None, help="override the config's Stage-1 seed (views, episodes, init)"),
     show_config: bool = typer.Option(False, "--show-config", help="print the resolved recipe and exit"),
 ):
     """Bank + Stage-1 in one command: build the template bank of the first N patients, then train the
@@ -138,7 +139,9 @@ def assistant_recipe(
     from shared.config import dump_yaml, load_settings
 
     s = load_settings(RecipeSettings, config, data=data, labeled=labeled, out=out, encoder=encoder, device=device)
-    extra = {k: v for k, v in {"steps": steps, "batch_size": batch_size}.items() if v is not None}
+    extra = {
+        k: v for k, v in {"steps": steps, "batch_size": batch_size, "seed": seed}.items() if v is not None
+    }
     if extra:
         s = s.model_copy(update={"train": {**s.train, **extra}})
     if show_config:

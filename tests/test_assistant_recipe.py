@@ -298,3 +298,27 @@ def test_volume_templates_join_the_bank_and_a_slice_never_retrieves_itself(tiny_
     finally:
         a.options = InferenceOptions()
         a.num_templates = a.model.config.num_templates
+
+
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).resolve().parent.parent / "configs/assistant").rglob("*.yaml")), ids=str
+)
+def test_every_shipped_recipe_resolves_and_takes_seed_and_steps_flags(config):
+    """Each shipped recipe and ablation validates as a whole (Stage-1 keys included) and `--seed` /
+    `--steps` reach its Stage-1 section: the ablation tables' seed runs are these commands."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from assistant_server.recipe import RecipeSettings
+    from assistant_server.stage1 import Stage1Settings
+    from services.cli import app
+
+    res = CliRunner().invoke(
+        app, ["assistant", "recipe", "--config", str(config), "--seed", "7", "--steps", "11", "--show-config"]
+    )
+    assert res.exit_code == 0, res.output
+    resolved = yaml.safe_load(res.stdout)
+    assert resolved["train"]["seed"] == 7 and resolved["train"]["steps"] == 11
+    RecipeSettings.model_validate(resolved)
+    Stage1Settings(bank="bank", out="assistant.pt", **resolved["train"])  # unknown keys are refused
+    InferenceOptions.from_dict(resolved["train"].get("inference", {}))
