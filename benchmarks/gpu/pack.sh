@@ -60,7 +60,8 @@ PY
       ;;
     check)
       tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-      tree=$((tree + $(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)))
+      untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
+      tree=$((tree + ${untracked:-0}))  # no untracked files: du does not run at all
       size() { local t=0; for p in "$@"; do [ -e "$p" ] && t=$((t + $(du -sb "$p" | cut -f1))); done; echo $t; }
       printf '%-34s %10s  %s\n' "carry set (+ working tree)" "MiB" "fits 64 MiB"
       for set in ".whl .gpu-models" ".device .whl" ".gpu-data .whl" ".gpu-data"; do
