@@ -57,7 +57,9 @@ def build(work: Path, device: str, encoder: str):
     from shared.data.classes import CARDIAC_CLASSES
 
     torch.manual_seed(0)
-    model = build_model(VessaConfig(encoder=encoder), pretrained=False)
+    # eval first: TinyViT's batch norms would otherwise update their running statistics in the encode
+    # below, and the bank's encoder hash would no longer match the assistant's (seen on the H200)
+    model = build_model(VessaConfig(encoder=encoder), pretrained=False).eval()
     text = np.random.default_rng(0).standard_normal((len(CARDIAC_CLASSES), 384)).astype(np.float32)
     bank = TemplateBank.create(work / "bank", CARDIAC_CLASSES, text, module_state_hash(model.image_encoder), "random")
     # 16 random exemplars with blob labels: template matching costs the same whatever they show
