@@ -12,8 +12,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from assistant_server.inference import Assistant, AssistantInputError, BankVersionError, SliceInput
-from shared.protocol import (
+from assistant_server.assistant import Assistant, AssistantInputError, BankVersionError, SliceInput
+from shared.wire.arrays import WireError, encode_array
+from shared.wire.protocol import (
     AssistCall,
     AssistReply,
     DecodedSlice,
@@ -22,7 +23,6 @@ from shared.protocol import (
     decode_slices,
     parse_call,
 )
-from shared.wire import WireError, encode_array
 
 log = logging.getLogger("vessa.assistant")
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
+from assistant_server.assistant import Assistant, AssistantInputError
 from assistant_server.call_handler import error_reply, serve_calls
-from assistant_server.inference import Assistant, AssistantInputError
 from shared.config import VessaSettings
-from shared.protocol import AssistCall, AssistReply, Limits, WireSlice, dumps, parse_call
-from shared.wire import WireError
+from shared.wire.arrays import WireError
+from shared.wire.protocol import AssistCall, AssistReply, Limits, WireSlice, dumps, parse_call
 
 log = logging.getLogger("vessa.assistant")
 
@@ -155,7 +155,7 @@ class VessaAssistant:
             return
         rng = np.random.default_rng(0)
         image = rng.random((256, 256), dtype=np.float32)
-        from assistant_server.inference import SliceInput
+        from assistant_server.assistant import SliceInput
 
         with self._model():
             self.assistant.predict([SliceInput(image=image)])
@@ -191,7 +191,7 @@ class VessaAssistant:
 
     # ------------------------------------------------------------------------------------------ calls
     async def assist(self, meta: bytes | str, blobs: list[bytes]) -> tuple[bytes, list[bytes]]:
-        """One call (see shared.protocol) → (reply JSON, binary parts). Never raises for bad input."""
+        """One call (see shared.wire.protocol) → (reply JSON, binary parts). Never raises for bad input."""
         try:
             call = parse_call(meta)
         except WireError as exc:

@@ -34,7 +34,7 @@ def _timed(fn, reps: int) -> float:
 def _speed(a, probs: np.ndarray, batch: int, reps: int, rng: np.random.Generator) -> dict[str, float]:
     """Seconds per slice: encoder alone, cold (new slices: encoder + decoder), warm (a known slice with
     a student prompt: decoder only)."""
-    from assistant_server.inference import SliceInput
+    from assistant_server.assistant import SliceInput
     from assistant_server.precision import autocast
 
     x = torch.rand(batch, 3, 256, 256)
@@ -62,8 +62,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from assistant_server.assistant import Assistant, SliceInput
     from assistant_server.bank_builder import build_bank
-    from assistant_server.inference import Assistant, SliceInput
     from shared.data import open_dataset
     from shared.data.synth import write_msd_dataset
 

@@ -26,8 +26,8 @@ def _one(bank: str, batch: int, slices: int) -> dict:
     """In this process: the assistant on a random volume of `slices` slices, twice (cold, then warm)."""
     import numpy as np
 
+    from assistant_server.assistant import Assistant, SliceInput
     from assistant_server.cpu_memory import keep_freed_memory
-    from assistant_server.inference import Assistant, SliceInput
 
     a = Assistant.from_files("pretrained", bank, device="cpu", encode_batch=batch, answer_cache_entries=0)
     keep_freed_memory(a.device)

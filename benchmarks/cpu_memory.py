@@ -26,7 +26,7 @@ _THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # "always" makes the
 _CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from assistant_server.stage1 import Stage1Settings, train_stage1
+from assistant_server.training.stage1 import Stage1Settings, train_stage1
 bank, out, steps, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def run(n, o):
     s = Stage1Settings(bank=bank, out=o, steps=n, batch_size=batch, device="cpu", save_every=10**6, log_every=10**6)

@@ -33,7 +33,7 @@ def _encoder_s_per_slice(model: torch.nn.Module, reps: int) -> float:
 
 
 def _stage1_s_per_step(bank: Path, out: Path, steps: int, threads: int) -> float:
-    from assistant_server.stage1 import Stage1Settings, train_stage1
+    from assistant_server.training.stage1 import Stage1Settings, train_stage1
 
     s = Stage1Settings(
         bank=bank, out=out, steps=steps, batch_size=2, threads=threads, device="cpu", save_every=10**6, log_every=10**6

@@ -33,7 +33,7 @@ import numpy as np
 
 def _canonical(data: Path) -> np.ndarray:
     from services.labeling.cases import discover, read_case
-    from shared.canonical import canonical_slices
+    from shared.wire.canonical import canonical_slices
 
     return np.concatenate([canonical_slices(list(read_case(c).image)) for c in discover(data).cases])
 
@@ -42,14 +42,15 @@ async def bench(args) -> dict:
     import ray
     from ray import serve
 
-    from assistant_server.app import all_cores_runtime_env, build_app
     from assistant_server.bank_builder import build_bank
-    from services.dispatcher import Dispatcher, DispatcherSettings, serve_handle_caller
-    from services.labeling.runner import LabelJob, LabelRunner
-    from services.redis_server import EmbeddedRedis, free_port
+    from services.dispatch.dispatcher import Dispatcher, DispatcherSettings, serve_handle_caller
+    from services.ingress.app import all_cores_runtime_env, build_app
+    from services.labeling.runner import LabelRunner
+    from services.runtime.redis_server import EmbeddedRedis, free_port
     from shared.data.synth import write_msd_dataset
-    from shared.protocol import AssistReply, encode_call
-    from student_trainer.stream_client import AsyncStreamClient
+    from shared.jobs import JobSpec
+    from shared.wire.protocol import AssistReply, encode_call
+    from shared.wire.stream_client import AsyncStreamClient
 
     work = Path(tempfile.mkdtemp(prefix="vessa-label-bench-"))
     sets = {}
@@ -101,7 +102,7 @@ async def bench(args) -> dict:
         out["model_alone"] = {"slices": len(slices_a), "seconds": model_s, "slices_per_s": len(slices_a) / model_s}
 
         # 2. the job --------------------------------------------------------------------------------
-        job = LabelJob(sets["B"], work / "out_B", selection="all", batch_slices=args.batch_slices, max_in_flight=args.max_in_flight, cases_in_flight=args.cases_in_flight)
+        job = JobSpec(data=str(sets["B"]), out=str(work / "out_B"), selection="all", batch_slices=args.batch_slices, max_in_flight=args.max_in_flight, cases_in_flight=args.cases_in_flight)
         t0 = time.perf_counter()
         s = await LabelRunner(job, redis_server.url).run()
         job_s = time.perf_counter() - t0
@@ -124,7 +125,7 @@ async def bench(args) -> dict:
             return lat
 
         alone = await latencies()
-        job_c = LabelRunner(LabelJob(sets["C"], work / "out_C", selection="all", batch_slices=args.batch_slices, max_in_flight=args.max_in_flight, cases_in_flight=args.cases_in_flight), redis_server.url)
+        job_c = LabelRunner(JobSpec(data=str(sets["C"]), out=str(work / "out_C"), selection="all", batch_slices=args.batch_slices, max_in_flight=args.max_in_flight, cases_in_flight=args.cases_in_flight), redis_server.url)
         job_task = asyncio.create_task(job_c.run())
         while job_c.client is None or job_c.client.in_flight == 0:  # the job is on the stream
             await asyncio.sleep(0.05)

@@ -74,9 +74,9 @@ def start_local_app(workdir: Path, port: int) -> str:
     import ray
     from ray import serve
 
-    from assistant_server.app import build_app
     from assistant_server.bank_builder import build_bank
-    from services.commands import application_options, load_serve_config
+    from services.cli.serve import application_options, load_serve_config
+    from services.ingress.app import build_app
     from shared.data.synth import write_msd_dataset
 
     data = workdir / "synth"
@@ -169,7 +169,7 @@ async def run_load(
 ) -> tuple[Stats, float]:
     import httpx
 
-    from assistant_server.client import parse_multipart
+    from services.ingress.client import parse_multipart
 
     rng = random.Random(seed)
     plan = []

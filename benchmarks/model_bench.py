@@ -49,9 +49,9 @@ def matmul_tflops(device: torch.device) -> float:
 
 
 def build(work: Path, device: str, encoder: str):
+    from assistant_server.assistant import Assistant
     from assistant_server.bank import TemplateBank
     from assistant_server.checkpoint import build_model
-    from assistant_server.inference import Assistant
     from assistant_server.modeling.foundation import module_state_hash
     from assistant_server.modeling.vessa import VessaConfig
     from shared.data.classes import CARDIAC_CLASSES
@@ -153,8 +153,8 @@ def encoder_levers(model, device: torch.device, batch: int, reps: int, compile_:
 
 
 def run(args) -> dict:
+    from assistant_server.assistant import SliceInput
     from assistant_server.embedding_cache import EmbeddingCache
-    from assistant_server.inference import SliceInput
 
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="vessa-model-bench-"))

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------------------------- the stand-in
 def _label_blob() -> tuple[dict, bytes]:
     """One realistic label map (a disc of class 3 on background), encoded as the assistant sends it."""
-    from shared.wire import encode_array
+    from shared.wire.arrays import encode_array
 
     yy, xx = np.mgrid[:256, :256]
     label = (((yy - 128) ** 2 + (xx - 120) ** 2) < 40**2).astype(np.uint8) * 3
@@ -53,8 +53,8 @@ def _label_blob() -> tuple[dict, bytes]:
 
 def instant_reply(meta: bytes | str, spec: dict, blob: bytes) -> tuple[bytes, list[bytes]]:
     """An 'ok' reply with the prepared label for every slice of the call."""
-    from shared.protocol import AssistReply, WireSliceResult, dumps, parse_call
-    from shared.wire import ArraySpec
+    from shared.wire.arrays import ArraySpec
+    from shared.wire.protocol import AssistReply, WireSliceResult, dumps, parse_call
 
     call = parse_call(meta)
     results = [
@@ -94,7 +94,7 @@ def instant_deployment():
 # ---------------------------------------------------------------------------------------------- roles
 def run_inprocess_dispatcher(redis_url: str, consumer: str) -> None:
     """`--role dispatcher`: a dispatcher whose caller answers at once, without Ray."""
-    from services.dispatcher import DispatcherSettings, run_dispatcher
+    from services.dispatch.dispatcher import DispatcherSettings, run_dispatcher
 
     spec, blob = _label_blob()
 
@@ -106,7 +106,7 @@ def run_inprocess_dispatcher(redis_url: str, consumer: str) -> None:
 
 async def drive_stream(redis_url: str, n: int, slices: int, trainers: int, in_flight: int) -> dict:
     """n messages of `slices` slices each, split over `trainers` clients; wall time to the last answer."""
-    from student_trainer.stream_client import AsyncStreamClient
+    from shared.wire.stream_client import AsyncStreamClient
 
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 255, (64, 256, 256), dtype=np.uint8)
@@ -145,8 +145,8 @@ def redis_alone(redis_url: str, n: int, slices: int, batch: int = 64) -> dict:
     client, pipelined `batch` messages at a time. No Python event loop, no Serve: Redis's own ceiling."""
     import redis
 
-    from services.dispatcher import FINISH_LUA
-    from shared.stream_messages import GROUP, REQUEST_STREAM
+    from services.dispatch.dispatcher import FINISH_LUA
+    from shared.wire.messages import GROUP, REQUEST_STREAM
 
     spec, label = _label_blob()
     image = np.random.default_rng(2).integers(0, 255, (256, 256), dtype=np.uint8).tobytes()
@@ -179,7 +179,7 @@ def redis_alone(redis_url: str, n: int, slices: int, batch: int = 64) -> dict:
 async def drive_http(url: str, n: int, slices: int, concurrency: int) -> dict:
     import httpx
 
-    from shared.wire import write_npy
+    from shared.wire.arrays import write_npy
 
     rng = np.random.default_rng(1)
     payload = write_npy(rng.integers(0, 255, (slices, 256, 256), dtype=np.uint8))
@@ -270,8 +270,9 @@ def run(args) -> dict:
     import ray
     from ray import serve
 
-    from assistant_server.api import ApiSettings, VessaIngress
-    from services.redis_server import EmbeddedRedis
+    from services.ingress.ingress import VessaIngress
+    from services.ingress.settings import ApiSettings
+    from services.runtime.redis_server import EmbeddedRedis
     from tests.conftest import free_port
 
     work = Path(tempfile.mkdtemp(prefix="vessa-path-bench-"))
@@ -314,7 +315,7 @@ def run(args) -> dict:
             for k in (1, 2):
                 _reset(url)
                 procs = [
-                    _spawn([sys.executable, "-m", "services.cli", "dispatcher", "--redis-url", url, "--ray-address", gcs, "--consumer", f"d{i}"], work / f"d{i}.log")
+                    _spawn([sys.executable, "-m", "services.cli.main", "dispatcher", "--redis-url", url, "--ray-address", gcs, "--consumer", f"d{i}"], work / f"d{i}.log")
                     for i in range(k)
                 ]
                 try:

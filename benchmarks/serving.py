@@ -76,9 +76,9 @@ async def run_concurrent(fn, items: list, concurrency: int) -> tuple[float, list
 
 def setup_data(work: Path, encoder: str, device: str) -> tuple[Path, np.ndarray]:
     from assistant_server.bank_builder import build_bank
-    from shared.canonical import canonical_slices
     from shared.data import open_dataset
     from shared.data.synth import write_msd_dataset
+    from shared.wire.canonical import canonical_slices
 
     data = work / "synth"
     write_msd_dataset(data, cases=6, seed=0)
@@ -94,14 +94,14 @@ async def bench(args) -> list[dict]:
     import ray
     from ray import serve
 
-    from assistant_server.app import all_cores_runtime_env, build_app
-    from assistant_server.inference import Assistant, SliceInput
-    from assistant_server.volume_io import nifti_bytes
-    from services.dispatcher import Dispatcher, DispatcherSettings, serve_handle_caller
-    from services.redis_server import EmbeddedRedis, free_port
-    from shared.protocol import AssistReply, encode_call
-    from shared.wire import write_npy
-    from student_trainer.stream_client import AsyncStreamClient
+    from assistant_server.assistant import Assistant, SliceInput
+    from services.dispatch.dispatcher import Dispatcher, DispatcherSettings, serve_handle_caller
+    from services.ingress.app import all_cores_runtime_env, build_app
+    from services.ingress.uploads import nifti_bytes
+    from services.runtime.redis_server import EmbeddedRedis, free_port
+    from shared.wire.arrays import write_npy
+    from shared.wire.protocol import AssistReply, encode_call
+    from shared.wire.stream_client import AsyncStreamClient
 
     work = Path(tempfile.mkdtemp(prefix="vessa-bench-"))
     bank, base = setup_data(work, args.encoder, args.device)

@@ -1,6 +1,6 @@
 """How the student trainer talks to the VESSA assistant, whatever the transport.
 
-Implementations: the Redis streaming client (`student_trainer.stream_client.StreamAssistantLink`), and
+Implementations: the Redis streaming client (`student_trainer.stream_link.StreamAssistantLink`), and
 an in-process one for GPU runs where Ray does not fit (`student_trainer.inprocess_link`). The trainer
 only sees this protocol, so it cannot tell (and need not care) which one it uses.
 """

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shared.components import Backend, largest_connected_component
 from shared.data.augment import bcp_copy_paste_mask
-from student_trainer.connected_components import Backend, largest_connected_component
 from student_trainer.losses import mix_loss
 
 

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.components import largest_connected_component
 from shared.config import load_settings
 from student_trainer.assistant_link import PseudoLabelRequest, PseudoLabelResult
 from student_trainer.config import TrainSettings
-from student_trainer.connected_components import largest_connected_component
 
 
 class LoopbackLink:

@@ -117,7 +117,7 @@ class AssistantSettings(_Section):
     log_every: int = Field(100, ge=1, description="log every N-th fallback")
     canonical_size: int = Field(
         256,
-        description="side of the canonical slices sent to the assistant (shared.canonical.CANONICAL_SIZE)",
+        description="side of the canonical slices sent to the assistant (shared.wire.canonical.CANONICAL_SIZE)",
     )
     fusion: FusionSettings = FusionSettings()
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.data.augment import GeometricParams, apply_geometric, sample_geometric
-from shared.data.base import open_dataset
+from shared.data.layouts import open_dataset
 from shared.data.resize import resize_image, resize_label
 from shared.data.split import split_by_patient
 from shared.data.types import ClassInfo
@@ -66,7 +66,7 @@ def load_training_data(
     """Read the protocol split of the dataset at `root` into memory (see the module docstring).
 
     `host_size`: the size of the host copy of the unlabeled slices (the canonical slices sent to the
-    assistant, `shared.canonical.CANONICAL_SIZE`); None: the training size."""
+    assistant, `shared.wire.canonical.CANONICAL_SIZE`); None: the training size."""
     ds = open_dataset(root)
     split = split_by_patient(ds, n_labeled)
     size = (image_size, image_size)

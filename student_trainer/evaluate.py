@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.data.base import open_dataset
+from shared.data.layouts import open_dataset
 from shared.data.types import ClassInfo, Volume
 from shared.metrics import binary_metrics, evaluate_volume, format_table, summarise
 from student_trainer.checkpoint import load_checkpoint, model_from_checkpoint

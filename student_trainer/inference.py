@@ -16,7 +16,7 @@ from torch import nn
 
 
 def resize_images(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (align_corners=False, no antialias: the convention of `shared.canonical`).
+    """Bilinear resize (align_corners=False, no antialias: the convention of `shared.wire.canonical`).
     x (B, C, H, W) float -> (B, C, size, size)."""
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(x.shape[-2:]) == hw:

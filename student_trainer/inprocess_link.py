@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.canonical import to_uint8
+from shared.wire.canonical import to_uint8
 from student_trainer.assistant_link import PseudoLabelRequest, PseudoLabelResult
 
 log = logging.getLogger("vessa.inprocess_link")
@@ -47,7 +47,7 @@ class InProcessAssistantLink:
         assistant=None,
     ):
         if assistant is None:
-            from assistant_server.inference import Assistant
+            from assistant_server.assistant import Assistant
 
             # cache_store: encoder embeddings persisted by `vessa assistant embed` (CPU runs skip the encoder)
             assistant = Assistant.from_files(
@@ -73,7 +73,7 @@ class InProcessAssistantLink:
         return rid
 
     def _run(self) -> None:
-        from assistant_server.inference import SliceInput
+        from assistant_server.assistant import SliceInput
 
         while True:
             job = self._queue.get()

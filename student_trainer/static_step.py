@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.components import largest_cc_fixed
 from student_trainer import bcp as bcp_lib
 from student_trainer.assistant_link import AssistantLink, PseudoLabelRequest
-from student_trainer.connected_components import largest_cc_fixed
 from student_trainer.ema import update_ema_state
 from student_trainer.fusion import fuse_pseudo_labels
 from student_trainer.inference import resize_labels

@@ -87,7 +87,7 @@ def serve_app(tiny_bank, tmp_path_factory):
     import ray
     from ray import serve
 
-    from assistant_server.app import build_app
+    from services.ingress.app import build_app
 
     bank = copy_bank(tiny_bank, tmp_path_factory.mktemp("served") / "bank")
     auth_bank = copy_bank(tiny_bank, tmp_path_factory.mktemp("served_auth") / "bank")
@@ -136,7 +136,7 @@ def _wait_ready(url: str, timeout: float = 120) -> None:
 
 @pytest.fixture
 def redis_server(tmp_path):
-    from services.redis_server import EmbeddedRedis
+    from services.runtime.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path / "redis").start()
     yield server
@@ -164,7 +164,7 @@ def start_dispatcher(redis_url: str, gcs_address: str, log_path: Path, **env_ove
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "services.cli.main",
             "dispatcher",
             "--redis-url",
             redis_url,

@@ -95,7 +95,7 @@ class Host:
     def deploy(self, assistant: dict, args: dict | None = None) -> dict:
         from ray import serve
 
-        from assistant_server.app import build_app
+        from services.ingress.app import build_app
         from tests.conftest import SERVE_TEST_ARGS
 
         app_args = {**SERVE_TEST_ARGS, "bank": self.cfg["bank"], "redis_url": self.cfg["redis_url"], **(args or {})}
@@ -141,7 +141,7 @@ class Host:
     def start_dispatchers(self, names: dict, settings: dict) -> dict:
         import ray
 
-        from services.dispatcher import DispatcherActor
+        from services.dispatch.dispatcher import DispatcherActor
 
         actor_cls = ray.remote(DispatcherActor)
         out = {}

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from assistant_server.client import AssistantAPIError, AssistantClient, AsyncAssistantClient
-from assistant_server.volume_io import nifti_bytes, read_nifti_array
+from services.ingress.client import AssistantAPIError, AssistantClient, AsyncAssistantClient
+from services.ingress.uploads import nifti_bytes, read_nifti_array
 from shared.data import open_dataset
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 
+from assistant_server.assistant import Assistant, SliceInput
 from assistant_server.bank import TemplateBank
-from assistant_server.inference import Assistant, SliceInput
 
 
 def _slices(n: int, seed: int) -> list[np.ndarray]:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from assistant_server.assistant import Assistant, AssistantInputError, SliceInput
 from assistant_server.bank import BankError, BankMismatchError, TemplateBank, validate_exemplar_id
 from assistant_server.checkpoint import CheckpointError, build_model, load_checkpoint
 from assistant_server.embedding_cache import EmbeddingCache
-from assistant_server.inference import Assistant, AssistantInputError, SliceInput
 from assistant_server.modeling.foundation import (
     LITEMEDSAM_SHA256,
     LiteMedSAMWeightsError,
@@ -21,8 +21,8 @@ from assistant_server.modeling.foundation import (
     load_foundation_weights,
 )
 from assistant_server.modeling.vessa import VessaConfig
-from assistant_server.simulated_student import simulate_student
-from assistant_server.stage1 import Stage1Settings, _loss, boundary_map, class_weights, train_stage1
+from assistant_server.training.simulated_student import simulate_student
+from assistant_server.training.stage1 import Stage1Settings, _loss, boundary_map, class_weights, train_stage1
 from shared.data.types import ClassInfo
 
 
@@ -231,7 +231,7 @@ def test_stage1_cli_path_trains_saves_and_resumes(tiny_bank, tmp_path):
 
 
 def test_cpu_encode_batch_is_small_and_chunking_does_not_change_answers(tiny_bank):
-    from assistant_server.inference import CPU_ENCODE_BATCH
+    from assistant_server.assistant.core import CPU_ENCODE_BATCH
 
     a = Assistant.from_files("random", tiny_bank, device="cpu", encoder="tiny", answer_cache_entries=0)
     assert a.encode_batch == CPU_ENCODE_BATCH  # large CPU batches are slower and take gigabytes

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from assistant_server.augmented_views import augmented_view, build_views, view_geometry, view_key
-from assistant_server.components import keep_largest, single_component_classes
-from assistant_server.inference_options import InferenceOptions
-from shared.ranking import reliability_table, spearman
+from assistant_server.assistant.options import InferenceOptions
+from assistant_server.training.augmented_views import augmented_view, build_views, view_geometry, view_key
+from shared.calibration import reliability_table, spearman
+from shared.components import keep_largest, single_component_classes
 
 # ---------------------------------------------------------------------------------------------- ranking
 
@@ -141,7 +141,7 @@ def test_augmented_view_cache_keyed_by_content_and_reused(tiny_bank, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_assistant(tiny_bank):
-    from assistant_server.inference import Assistant
+    from assistant_server.assistant import Assistant
 
     return Assistant.from_files("random", tiny_bank, device="cpu", encoder="tiny")
 
@@ -155,7 +155,7 @@ def _volume(synth_dir):
 
 
 def test_refinement_and_volume_paths_shapes(tiny_assistant, synth_dir):
-    from assistant_server.inference import SliceInput
+    from assistant_server.assistant import SliceInput
 
     a = tiny_assistant
     image = _volume(synth_dir)[:2]  # every pass runs SAM's full decoder: two slices keep it to seconds
@@ -186,7 +186,7 @@ def test_refinement_and_volume_paths_shapes(tiny_assistant, synth_dir):
 
 
 def test_volume_with_unknown_hash_is_a_miss(tiny_assistant, synth_dir):
-    from assistant_server.inference import SliceInput
+    from assistant_server.assistant import SliceInput
 
     image = _volume(synth_dir)
     slices = [SliceInput(image=image[0]), SliceInput(slice_hash="0" * 32)]
@@ -220,8 +220,8 @@ def _binary_dataset(src: Path, out: Path) -> Path:
 @pytest.mark.slow
 def test_recipe_runs_unchanged_on_a_binary_dataset(synth_dir, tmp_path):
     from assistant_server.checkpoint import read_checkpoint
-    from assistant_server.evaluate import EvalSettings, evaluate_assistant
-    from assistant_server.recipe import RecipeSettings, run_recipe
+    from assistant_server.training.evaluate import EvalSettings, evaluate_assistant
+    from assistant_server.training.recipe import RecipeSettings, run_recipe
     from shared.config import load_settings
 
     data = _binary_dataset(synth_dir, tmp_path / "binary")
@@ -266,7 +266,7 @@ def test_position_aware_retrieval(tiny_assistant):
 
 
 def test_volume_templates_join_the_bank_and_a_slice_never_retrieves_itself(tiny_assistant, synth_dir):
-    from assistant_server.inference import SliceInput
+    from assistant_server.assistant import SliceInput
 
     a = tiny_assistant
     st = a.bank_state()
@@ -309,9 +309,9 @@ def test_every_shipped_recipe_resolves_and_takes_seed_and_steps_flags(config):
     import yaml
     from typer.testing import CliRunner
 
-    from assistant_server.recipe import RecipeSettings
-    from assistant_server.stage1 import Stage1Settings
-    from services.cli import app
+    from assistant_server.training.recipe import RecipeSettings
+    from assistant_server.training.stage1 import Stage1Settings
+    from services.cli.main import app
 
     res = CliRunner().invoke(
         app, ["assistant", "recipe", "--config", str(config), "--seed", "7", "--steps", "11", "--show-config"]

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import redis
 
-from services.backlog_autoscaling import BacklogPolicy, decide, stream_backlog
-from shared.stream_messages import GROUP, REQUEST_STREAM
+from services.dispatch.autoscaling import BacklogPolicy, decide, stream_backlog
+from shared.wire.messages import GROUP, REQUEST_STREAM
 
 
 def _ctx(current: int, target: int, ongoing: float, per_replica: float = 64):

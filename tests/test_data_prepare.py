@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from shared.data import open_dataset, split_by_patient
+from shared.data.cache_format import quantise
 from shared.data.packing import CODECS, decode, encode
-from shared.data.prepare import prepare_cache, quantise
+from shared.data.prepare import prepare_cache
 from shared.data.resize import resize_image, resize_label
 from shared.data.synth import write_msd_dataset
 

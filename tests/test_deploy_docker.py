@@ -130,8 +130,8 @@ def _burst_until_worker_answers(url: str, redis_url: str, image: np.ndarray, wor
     worker has answered (/v1/info names its node) and every request of the burst is answered."""
     import asyncio
 
-    from shared.canonical import canonical_slices
-    from student_trainer.stream_client import AsyncStreamClient
+    from shared.wire.canonical import canonical_slices
+    from shared.wire.stream_client import AsyncStreamClient
 
     rng = np.random.default_rng(0)
     base = canonical_slices([(image - image.min()) / max(float(np.ptp(image)), 1e-6)])[0]
@@ -177,7 +177,7 @@ def _burst_until_worker_answers(url: str, redis_url: str, image: np.ndarray, wor
 
 def test_compose_cpu_end_to_end(tmp_path):
     _gate()
-    from assistant_server.client import AssistantClient
+    from services.ingress.client import AssistantClient
 
     timings: dict[str, float | int | str] = {"image": IMAGE}
     t0 = time.monotonic()

@@ -485,7 +485,7 @@ def test_rayservice_cluster_shape():
 def test_serve_config_v2_is_the_gpu_serve_config():
     serve = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
     app = serve["applications"][0]
-    assert app["import_path"] == "assistant_server.app:build_app"
+    assert app["import_path"] == "services.ingress.app:build_app"
     gpu = yaml.safe_load((ROOT / "deploy" / "serve_gpu.yaml").read_text())
     assert serve["applications"] == gpu["applications"], (
         "deploy/kuberay/rayservice.yaml serveConfigV2 has drifted from deploy/serve_gpu.yaml's "

@@ -12,9 +12,8 @@ import time
 import numpy as np
 import redis
 
-from services.dispatcher import Dispatcher, DispatcherSettings
-from shared.protocol import AssistReply, dumps, encode_call
-from shared.stream_messages import (
+from services.dispatch.dispatcher import Dispatcher, DispatcherSettings
+from shared.wire.messages import (
     BULK_STREAM,
     REQUEST_STREAM,
     RequestEnvelope,
@@ -23,6 +22,7 @@ from shared.stream_messages import (
     request_fields,
     result_stream,
 )
+from shared.wire.protocol import AssistReply, dumps, encode_call
 
 
 def _request(r: redis.Redis, stream: str, trainer: str, slices: int = 1) -> str:

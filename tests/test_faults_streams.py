@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import redis
 
-from services.redis_server import EmbeddedRedis
-from shared.canonical import canonical_slices
+from services.runtime.redis_server import EmbeddedRedis
 from shared.data import open_dataset
-from shared.stream_messages import GROUP, REQUEST_STREAM, parse_result, result_stream
-from student_trainer.stream_client import AsyncStreamClient, QueueFullError
+from shared.wire.canonical import canonical_slices
+from shared.wire.messages import GROUP, REQUEST_STREAM, parse_result, result_stream
+from shared.wire.stream_client import AsyncStreamClient, QueueFullError
 from tests.conftest import ROOT, _wait_ready, start_dispatcher, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -124,7 +124,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
     import numpy as np
-    from student_trainer.stream_client import AsyncStreamClient
+    from shared.wire.stream_client import AsyncStreamClient
 
     async def main(url, out, n):
         client = AsyncStreamClient(url, "trainer-kill", max_in_flight=64)
@@ -197,8 +197,8 @@ def test_trainer_killed_and_replaced_no_loss_no_double_apply(serve_app, redis_se
 # ---------------------------------------------------------------------------------------------- Redis full
 async def _assist_once(images: list[np.ndarray]) -> None:
     """One call of the shared app's assistant as the dispatcher makes it (templates only, all classes)."""
-    from services.dispatcher import serve_handle_caller
-    from shared.protocol import AssistReply, encode_call
+    from services.dispatch.dispatcher import serve_handle_caller
+    from shared.wire.protocol import AssistReply, encode_call
 
     call, blobs = encode_call(images)
     meta, _ = await serve_handle_caller()(call.model_dump_json().encode(), blobs)

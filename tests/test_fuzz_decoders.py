@@ -19,10 +19,18 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from assistant_server.volume_io import UploadedVolume, VolumeError, read_upload
+from services.ingress.uploads import UploadedVolume, VolumeError, read_upload
 from shared.data.nifti import nifti_from_bytes
-from shared.protocol import AssistCall, Limits, decode_slices, encode_call, parse_call, probabilities
-from shared.stream_messages import (
+from shared.wire.arrays import (
+    ALLOWED_DTYPES,
+    ArraySpec,
+    WireError,
+    decode_array,
+    encode_array,
+    read_npy,
+    write_npy,
+)
+from shared.wire.messages import (
     RequestEnvelope,
     ResultEnvelope,
     new_request_id,
@@ -32,7 +40,7 @@ from shared.stream_messages import (
     result_fields,
     result_stream,
 )
-from shared.wire import ALLOWED_DTYPES, ArraySpec, WireError, decode_array, encode_array, read_npy, write_npy
+from shared.wire.protocol import AssistCall, Limits, decode_slices, encode_call, parse_call, probabilities
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,7 +77,7 @@ def spec_dicts() -> st.SearchStrategy[dict]:
     )
 
 
-# ---------------------------------------------------------------------------------------------- shared.wire
+# ---------------------------------------------------------------------------------------------- shared.wire.arrays
 @FUZZ
 @given(spec=spec_dicts(), blobs=blobs_st, max_bytes=st.sampled_from([0, 64, 1 << 20]))
 @example(spec={"dtype": "float64", "shape": (1 << 24,) * 4, "blob": 0}, blobs=[b""], max_bytes=1 << 20)
@@ -177,7 +185,7 @@ def test_read_npy_never_unpickles():
         read_npy(bio.getvalue())
 
 
-# ---------------------------------------------------------------------------------------------- shared.protocol
+# ---------------------------------------------------------------------------------------------- shared.wire.protocol
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from assistant_server.client import parse_multipart
-from shared.wire import read_npy, write_npy
+from services.ingress.client import parse_multipart
+from shared.wire.arrays import read_npy, write_npy
 from tests.test_fuzz_decoders import BASE_N1, nifti_bytes_st
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

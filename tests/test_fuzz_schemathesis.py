@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from assistant_server.api import app
+from services.ingress.ingress import create_app
+
+app = create_app()
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

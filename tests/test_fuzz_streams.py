@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import redis
 
-from shared.protocol import encode_call
-from shared.stream_messages import (
+from shared.wire.messages import (
     DEAD_LETTER_STREAM,
     REQUEST_STREAM,
     RequestEnvelope,
@@ -27,6 +26,7 @@ from shared.stream_messages import (
     request_fields,
     result_stream,
 )
+from shared.wire.protocol import encode_call
 from tests.conftest import start_dispatcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -56,7 +56,7 @@ def cache(tmp_path_factory) -> Path:
     """14 synthetic cases (3-4 validation volumes, unlabeled patients left at N = 7), cached at 64²."""
     raw = tmp_path_factory.mktemp("queue_synth")
     out = tmp_path_factory.mktemp("queue_cache") / "cache"
-    vessa = [str(ROOT / ".venv" / "bin" / "python"), "-m", "services.cli"]
+    vessa = [str(ROOT / ".venv" / "bin" / "python"), "-m", "services.cli.main"]
     subprocess.run([*vessa, "data", "synth", str(raw), "--cases", "14", "--seed", "0"], cwd=ROOT, check=True)
     subprocess.run(
         [*vessa, "data", "prepare", str(raw), str(out), "--size", "64", "--workers", "1"],

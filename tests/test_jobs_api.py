@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from assistant_server.client import AssistantAPIError, AssistantClient
+from services.ingress.client import AssistantAPIError, AssistantClient
 from services.labeling.outputs import read_records
 from tests.conftest import SERVE_TEST_ARGS, SMALL, _wait_ready, copy_bank, start_dispatcher
 
@@ -41,8 +41,8 @@ def jobs_service(serve_app, tiny_bank, tmp_path_factory, synth_dir):
     """An ingress with jobs on (data root, output root, Redis) at /jobsapp, a Redis and a dispatcher."""
     from ray import serve
 
-    from assistant_server.app import build_app
-    from services.redis_server import EmbeddedRedis
+    from services.ingress.app import build_app
+    from services.runtime.redis_server import EmbeddedRedis
 
     base = tmp_path_factory.mktemp("jobs")
     root, out_root = base / "data", base / "labels"
@@ -165,7 +165,7 @@ def test_runner_actor_killed_is_restarted_and_finishes_without_relabeling(jobs_s
 def test_vessa_label_url_runs_the_job_on_the_service(jobs_service, synth_dir, capsys):
     """`vessa label --url`: the service's runner does the work, the command follows it; the corrupt
     case makes the exit code 1 and is named."""
-    from services.cli import run
+    from services.cli.main import run
 
     if not (jobs_service["root"] / "study").is_dir():  # when run alone
         test_job_over_rest_labels_reports_and_ranks(jobs_service, synth_dir)

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 from services.labeling.outputs import read_manifest, read_records
-from services.labeling.runner import LabelJob, LabelRunner, run_label_job
-from shared.canonical import canonical_slices
+from services.labeling.runner import LabelRunner, run_label_job
 from shared.data import open_dataset
-from student_trainer.stream_client import AsyncStreamClient
+from shared.jobs import JobSpec
+from shared.wire.canonical import canonical_slices
+from shared.wire.stream_client import AsyncStreamClient
 from tests.conftest import ROOT, start_dispatcher, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -72,7 +73,7 @@ def test_job_labels_every_case_in_the_input_geometry_and_reports_the_corrupt_one
     serve_app, redis_server, dispatcher, nifti_folder, tmp_path
 ):
     out = tmp_path / "out"
-    summary = run_label_job(LabelJob(nifti_folder, out, batch_slices=4), redis_server.url)
+    summary = run_label_job(JobSpec(data=str(nifti_folder), out=str(out), batch_slices=4), redis_server.url)
     assert summary.labeled == N_GOOD and summary.failed == 1
     assert "broken" in summary.errors and "truncated" in summary.errors["broken"].lower()
     for case in _good_cases(nifti_folder):
@@ -98,7 +99,7 @@ def test_job_labels_every_case_in_the_input_geometry_and_reports_the_corrupt_one
     assert not list(out.rglob(".*.tmp"))
 
     # the rerun labels nothing twice: every good case is skipped, the broken one is tried (and fails) again
-    again = run_label_job(LabelJob(nifti_folder, out), redis_server.url)
+    again = run_label_job(JobSpec(data=str(nifti_folder), out=str(out)), redis_server.url)
     assert (again.labeled, again.skipped, again.failed) == (0, N_GOOD, 1)
     # a changed input is labeled again (its hash differs)
     first = _good_cases(nifti_folder)[0]
@@ -106,11 +107,11 @@ def test_job_labels_every_case_in_the_input_geometry_and_reports_the_corrupt_one
     changed = tmp_path / "changed"
     shutil.copytree(nifti_folder, changed)
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine, img.header), changed / f"{first}.nii.gz")
-    third = run_label_job(LabelJob(changed, out), redis_server.url)
+    third = run_label_job(JobSpec(data=str(changed), out=str(out)), redis_server.url)
     assert (third.labeled, third.skipped) == (1, N_GOOD - 1)
 
     # --probs: cases labeled without probabilities are not done for a job that asks for them
-    fourth = run_label_job(LabelJob(changed, out, probs=True, batch_slices=4), redis_server.url)
+    fourth = run_label_job(JobSpec(data=str(changed), out=str(out), probs=True, batch_slices=4), redis_server.url)
     assert (fourth.labeled, fourth.skipped) == (N_GOOD, 0)
     for case in _good_cases(changed):
         src = nib.load(changed / f"{case}.nii.gz")
@@ -119,12 +120,12 @@ def test_job_labels_every_case_in_the_input_geometry_and_reports_the_corrupt_one
         assert np.allclose(probs.affine, src.affine) and probs.get_data_dtype() == np.uint8
         assert np.asanyarray(probs.dataobj).max() > 0
         assert read_records(out)[case].probs_output == f"probs/{case}.nii.gz"
-    assert run_label_job(LabelJob(changed, out, probs=True), redis_server.url).skipped == N_GOOD
+    assert run_label_job(JobSpec(data=str(changed), out=str(out), probs=True), redis_server.url).skipped == N_GOOD
 
 
 def _label_cli(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "label", *args],
+        [sys.executable, "-m", "services.cli.main", "label", *args],
         cwd=ROOT,
         stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,
@@ -168,7 +169,7 @@ def test_dispatcher_restart_mid_job_loses_nothing(serve_app, redis_server, nifti
     out = tmp_path / "out"
     box: dict = {}
     data = _fresh_copy(nifti_folder, tmp_path / "data", flip_axis=1)
-    job = LabelJob(data, out, batch_slices=2, max_in_flight=6)
+    job = JobSpec(data=str(data), out=str(out), batch_slices=2, max_in_flight=6)
     t = threading.Thread(target=lambda: box.setdefault("s", run_label_job(job, redis_server.url)))
     t.start()
     second = None
@@ -201,7 +202,7 @@ def test_two_jobs_and_a_trainer_share_the_service(serve_app, redis_server, dispa
 
     async def scenario():
         runners = {
-            name: LabelRunner(LabelJob(nifti_folder, tmp_path / name, cases=part, batch_slices=2, max_in_flight=2), redis_server.url)
+            name: LabelRunner(JobSpec(data=str(nifti_folder), out=str(tmp_path / name), cases=part, batch_slices=2, max_in_flight=2), redis_server.url)
             for name, part in (("a", cases[:3]), ("b", cases[3:]))
         }
         jobs = [asyncio.create_task(r.run()) for r in runners.values()]
@@ -230,15 +231,15 @@ def test_two_jobs_and_a_trainer_share_the_service(serve_app, redis_server, dispa
 
 
 def test_demo_labeling_step_ranks_and_pictures_the_unlabeled_cases(serve_app, redis_server, dispatcher, synth_dir, tmp_path):
-    """The demo's labeling step (services/demo.py) and its report section: the unlabeled patients'
+    """The demo's labeling step (services/demo/pipeline.py) and its report section: the unlabeled patients'
     cases (here the 2 training cases after the first 4 patients) labeled as a job, ranked, pictured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from services.demo import _label_unlabeled
-    from services.demo_report import _labeling_section
+    from services.demo.pipeline import _label_unlabeled
+    from services.demo.report import _labeling_section
 
     labeling = _label_unlabeled(redis_server.url, synth_dir, 4, tmp_path / "labels")
     assert sorted(labeling["records"]) == ["synth004", "synth005"]

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from services.cli import run
+from services.cli.main import run
 from services.labeling.outputs import CaseRecord, ClassStats, label_path, write_manifest, write_record
 from services.labeling.ranking import ranking, suggest
 from services.labeling.scoring import score

@@ -2,7 +2,7 @@
 
 In file order, on one cluster: REST and the Redis path answer with the replicas on the workers, the
 ingress and dispatcher "a" on the head and dispatcher "b" on worker-2; the Redis backlog scales the
-replicas 1 → 3 → 1 (services/backlog_autoscaling.py); then worker-2's raylet is SIGKILLed while a trainer
+replicas 1 → 3 → 1 (services/dispatch/autoscaling.py); then worker-2's raylet is SIGKILLed while a trainer
 streams: every request is answered exactly once, Serve restores two replicas on worker-1, and dispatcher
 "a" reclaims the entries dispatcher "b" (dead with its node) held. Recovery time and the replica counts
 over time are printed (`pytest -s`).
@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import redis
 
-from assistant_server.client import AssistantClient
-from services.redis_server import EmbeddedRedis
-from shared.canonical import canonical_slices
+from services.ingress.client import AssistantClient
+from services.runtime.redis_server import EmbeddedRedis
 from shared.data import open_dataset
-from shared.stream_messages import GROUP, REQUEST_STREAM, result_stream
+from shared.wire.canonical import canonical_slices
+from shared.wire.messages import GROUP, REQUEST_STREAM, result_stream
 from tests.conftest import ROOT
 from tests.test_faults_streams import _assert_answered_once_on_stream
 from tests.test_streams import _assert_exactly_once, _drive
@@ -177,7 +177,7 @@ def test_backlog_scales_replicas_up_and_idle_scales_them_down(cluster, redis_mn,
             "look_back_period_s": 2,
             "metrics_interval_s": 0.5,
             "policy": {
-                "policy_function": "services.backlog_autoscaling:BacklogPolicy",
+                "policy_function": "services.dispatch.autoscaling:BacklogPolicy",
                 "policy_kwargs": {"backlog_per_replica": 16, "redis_url": redis_mn.url, "poll_interval_s": 0.5},
             },
         },

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from assistant_server.client import AssistantClient
+from services.ingress.client import AssistantClient
 from tests.conftest import SERVE_TEST_ARGS, SMALL, _wait_ready, copy_bank, start_dispatcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -38,8 +38,8 @@ def review_service(serve_app, tiny_bank, tmp_path_factory, synth_dir):
     """An ingress with jobs on and VESSA_API_TOKEN set, at /reviewapp; a job over 4 cases, finished."""
     from ray import serve
 
-    from assistant_server.app import build_app
-    from services.redis_server import EmbeddedRedis
+    from services.ingress.app import build_app
+    from services.runtime.redis_server import EmbeddedRedis
 
     base = tmp_path_factory.mktemp("review")
     root, out_root = base / "data", base / "labels"

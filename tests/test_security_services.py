@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import redis
 
-from services.dispatcher import RedisAuthError
-from services.redis_server import EmbeddedRedis, find_redis_server, free_port
-from shared.stream_messages import result_stream
-from student_trainer.stream_client import AsyncStreamClient
+from services.dispatch.dispatcher import RedisAuthError
+from services.runtime.redis_server import EmbeddedRedis, find_redis_server, free_port
+from shared.wire.messages import result_stream
+from shared.wire.stream_client import AsyncStreamClient
 from tests.conftest import start_dispatcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -1,4 +1,4 @@
-"""Self-training: the pseudo-labeled bank (assistant_server/pseudo_bank.py) and Stage-1's use of it."""
+"""Self-training: the pseudo-labeled bank (assistant_server/training/pseudo_bank.py) and Stage-1's use of it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from assistant_server.assistant import SliceOutput
 from assistant_server.bank import TemplateBank
-from assistant_server.inference import SliceOutput
-from assistant_server.pseudo_bank import (
+from assistant_server.training.pseudo_bank import (
     PSEUDO_SOURCE,
     PseudoBankSettings,
     build_pseudo_bank,
@@ -18,7 +18,7 @@ from assistant_server.pseudo_bank import (
     select_confident,
     slice_confidence,
 )
-from assistant_server.stage1 import Stage1Settings, train_stage1
+from assistant_server.training.stage1 import Stage1Settings, train_stage1
 from tests.conftest import copy_bank
 
 
@@ -113,7 +113,7 @@ def test_stage1_self_training_draws_pseudo_queries(pseudo, tiny_bank, tmp_path):
 
 
 def test_pseudo_steps_do_not_train_the_iou_head():
-    from assistant_server.stage1 import _loss
+    from assistant_server.training.stage1 import _loss
 
     logits = torch.randn(2, 3, 8, 8)
     iou = torch.rand(2, 3)
@@ -127,7 +127,7 @@ def test_pseudo_steps_do_not_train_the_iou_head():
 @pytest.mark.slow
 def test_recipe_self_training_round_on_a_binary_dataset(synth_dir, tmp_path):
     from assistant_server.checkpoint import read_checkpoint
-    from assistant_server.recipe import RecipeSettings, run_recipe
+    from assistant_server.training.recipe import RecipeSettings, run_recipe
     from tests.test_assistant_recipe import _binary_dataset
 
     data = _binary_dataset(synth_dir, tmp_path / "binary")

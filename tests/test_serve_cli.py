@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from services.commands import application_options, load_serve_config
-from services.placement import PlacementError, check_placement, replica_bounds
+from services.cli.serve import application_options, load_serve_config
+from services.runtime.placement import PlacementError, check_placement, replica_bounds
 from tests.conftest import ROOT, free_port
 
 CPU_CONFIG = ROOT / "deploy" / "serve_cpu.yaml"
@@ -74,7 +74,7 @@ def _serve(tiny_bank, tmp_path, *extra: str) -> tuple[subprocess.Popen, object]:
     # too, as Ctrl-C in a terminal does.
     log = tmp_path / "serve.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "--ckpt", "random", "--bank", str(tiny_bank),
+        [sys.executable, "-m", "services.cli.main", "serve", "--ckpt", "random", "--bank", str(tiny_bank),
          "--encoder", "tiny", "--device", "cpu", "--num-cpus", "2", "--port", str(free_port()), *extra],
         cwd=str(tmp_path),
         env={**os.environ, "PYTHONPATH": str(ROOT)},

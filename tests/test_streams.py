@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import redis
 
-from shared.canonical import canonical_slices
 from shared.data import open_dataset
-from shared.protocol import encode_call
-from shared.stream_messages import (
+from shared.wire.canonical import canonical_slices
+from shared.wire.messages import (
     DEAD_LETTER_STREAM,
     REQUEST_STREAM,
     RequestEnvelope,
@@ -20,7 +19,8 @@ from shared.stream_messages import (
     request_fields,
     result_stream,
 )
-from student_trainer.stream_client import AsyncStreamClient
+from shared.wire.protocol import encode_call
+from shared.wire.stream_client import AsyncStreamClient
 from tests.conftest import start_dispatcher
 
 pytestmark = pytest.mark.slow
@@ -138,7 +138,7 @@ def test_dispatcher_killed_mid_stream_loses_and_duplicates_nothing(serve_app, re
     _assert_exactly_once(ids, results)
     r = redis.Redis.from_url(redis_server.url)
     # exactly one result entry per request on the stream itself, whatever was redelivered
-    from shared.stream_messages import parse_result
+    from shared.wire.messages import parse_result
 
     entries = r.xrange(result_stream("trainer-k"))
     rids = [parse_result(f)[0].request_id for _, f in entries]
@@ -186,7 +186,7 @@ def _raw_request(r: redis.Redis, trainer: str, image: np.ndarray, bank_version: 
 
 
 def _wait_results(r: redis.Redis, trainer: str, n: int, timeout: float = 120) -> list:
-    from shared.stream_messages import parse_result
+    from shared.wire.messages import parse_result
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

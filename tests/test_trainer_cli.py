@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.cli.main import app
 
 runner = CliRunner()
 

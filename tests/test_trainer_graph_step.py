@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from shared.components import largest_cc_fixed, largest_cc_torch
 from shared.config import load_settings
 from student_trainer.assistant_link import PseudoLabelRequest, PseudoLabelResult
 from student_trainer.benchmark import count_ops
 from student_trainer.config import TrainSettings
-from student_trainer.connected_components import largest_cc_fixed, largest_cc_torch
 from student_trainer.static_step import DeviceIndexStream, sgd_foreach
 from student_trainer.train import Trainer
 

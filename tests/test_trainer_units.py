@@ -8,13 +8,13 @@ import pytest
 import torch
 from scipy import ndimage
 
-from student_trainer.assistant_link import PseudoLabelRequest, PseudoLabelResult
-from student_trainer.bcp import bcp_pretrain_loss, bcp_self_train_loss, box_mask, paste, pseudo_label
-from student_trainer.connected_components import (
+from shared.components import (
     largest_cc_numpy,
     largest_cc_torch,
     largest_connected_component,
 )
+from student_trainer.assistant_link import PseudoLabelRequest, PseudoLabelResult
+from student_trainer.bcp import bcp_pretrain_loss, bcp_self_train_loss, box_mask, paste, pseudo_label
 from student_trainer.ema import make_teacher, update_ema_params, update_ema_state
 from student_trainer.fusion import fuse_pseudo_labels
 from student_trainer.losses import dice_loss, masked_cross_entropy, mix_loss

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from shared.config import load_settings
+from shared.wire.stream_client import AsyncStreamClient
 from student_trainer.config import TrainSettings
-from student_trainer.stream_client import AsyncStreamClient, StreamAssistantLink
+from student_trainer.stream_link import StreamAssistantLink
 from student_trainer.train import train
 from tests.conftest import start_dispatcher
 

@@ -55,7 +55,7 @@ PY
       wheels
       ;;
     data)
-      [ -f .gpu-data/acdc/vessa_cache.json ] || $PY -m services.cli data prepare "$ACDC" .gpu-data/acdc --workers 2
+      [ -f .gpu-data/acdc/vessa_cache.json ] || $PY -m services.cli.main data prepare "$ACDC" .gpu-data/acdc --workers 2
       wheels
       ;;
     check)

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 ITEMS_FILE = Path(__file__).with_name("items.txt")
 PY = sys.executable
-VESSA = [PY, "-m", "services.cli"]
+VESSA = [PY, "-m", "services.cli.main"]
 
 # Mean foreground Dice (%) on the validation volumes below which a full-schedule item has failed: far
 # under the published anchors (architecture page), so only a broken run trips them.
@@ -247,7 +247,7 @@ def run_smoke(it: Item) -> None:
                    "--set", "bcp.pretrain_iters=5", "--set", "val_every=6", "--set", "progress=false",
                    "--set", f"data.image_size={sizes[0]}", "--set", f"batch_size={sizes[1]}", "--set", f"labeled_bs={sizes[2]}",
                    "--set", "step.mode=graph", "--set", "vessa.warmup_iters=3", "--set", "step.assistant_refresh_every=3",
-                   "--set", "vessa.link=student_trainer.stream_client:StreamAssistantLink",
+                   "--set", "vessa.link=student_trainer.stream_link:StreamAssistantLink",
                    "--set", f"vessa.link_kwargs.redis_url={redis_url}", "--set", "vessa.link_kwargs.trainer_id=smoke",
                    "--set", "step.assistant_timeout_s=240",
                    *(["--set", "step.assistant_table_slices=8"] if it.small else [])]  # fmt: skip
@@ -483,7 +483,7 @@ def _wait_serving(log: Path, proc: subprocess.Popen, timeout: float) -> tuple[st
 
 
 def _rest_check(it: Item, url: str, data: Path) -> None:
-    from assistant_server.client import AssistantClient
+    from services.ingress.client import AssistantClient
 
     vol = sorted((data / "imagesTr").glob("*.nii.gz"))[0]
     client = AssistantClient(url, timeout=600)
@@ -511,7 +511,7 @@ def _redis_check(it: Item, redis_url: str, data: Path) -> None:
     from shared.data import open_dataset
     from shared.data.split import split_by_patient
     from student_trainer.assistant_link import PseudoLabelRequest
-    from student_trainer.stream_client import StreamAssistantLink
+    from student_trainer.stream_link import StreamAssistantLink
 
     split = split_by_patient(open_dataset(data), 3)
     from shared.data.resize import resize_image

@@ -33,8 +33,8 @@ def embedded_service(
     import ray
     from ray import serve
 
-    from assistant_server.app import all_cores_runtime_env, build_app
-    from services.redis_server import EmbeddedRedis, free_port
+    from services.ingress.app import all_cores_runtime_env, build_app
+    from services.runtime.redis_server import EmbeddedRedis, free_port
 
     run_dir.mkdir(parents=True, exist_ok=True)
     redis_server = dispatcher = None
@@ -61,7 +61,7 @@ def embedded_service(
         redis_server = EmbeddedRedis(run_dir / "redis").start()
         log = open(run_dir / "dispatcher.log", "ab")
         dispatcher = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "dispatcher", "--redis-url", redis_server.url, "--ray-address", ray.get_runtime_context().gcs_address],
+            [sys.executable, "-m", "services.cli.main", "dispatcher", "--redis-url", redis_server.url, "--ray-address", ray.get_runtime_context().gcs_address],
             stdout=log,
             stderr=subprocess.STDOUT,
             # a cold CPU batch of LiteMedSAM slices can take minutes: a call is not failed for that
@@ -75,6 +75,6 @@ def embedded_service(
                 dispatcher.wait(30)
             except subprocess.TimeoutExpired:
                 dispatcher.kill()
-        ray.shutdown()  # stops every Serve actor of this local instance (see services/demo.py)
+        ray.shutdown()  # stops every Serve actor of this local instance (see services/demo/pipeline.py)
         if redis_server is not None:
             redis_server.stop()

@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 import redis
 
-from shared.job_state import FINAL, JobState, cancel_requested, load_job, save_job
+from shared.jobs import FINAL, JobState, cancel_requested, load_job, save_job
 
 log = logging.getLogger("vessa.label.job")
 NAMESPACE = "vessa-jobs"
@@ -59,7 +59,7 @@ class LabelJobActor:
     def _run(self, r: redis.Redis) -> None:
         from services.labeling.outputs import read_records
         from services.labeling.ranking import ranking
-        from services.labeling.runner import LabelJob, LabelRunner
+        from services.labeling.runner import LabelRunner
 
         job = load_job(r, self.job_id)
         if job is None or job.state in FINAL:
@@ -105,20 +105,7 @@ class LabelJobActor:
             job.bank_version = runner.summary.bank_version
             save_job(r, job)
 
-        label_job = LabelJob(
-            data=Path(spec.data),
-            out=Path(spec.out),
-            cases=spec.cases,
-            selection=spec.selection,
-            class_ids=spec.class_ids,
-            probs=spec.probs,
-            volume_calls=spec.volume_calls,
-            batch_slices=spec.batch_slices,
-            max_in_flight=spec.max_in_flight,
-            cases_in_flight=spec.cases_in_flight,
-            job_id=f"{self.job_id}-{job.runs}",
-        )
-        runner = LabelRunner(label_job, self.redis_url, on_event, should_stop)
+        runner = LabelRunner(spec, self.redis_url, on_event, should_stop, run_id=f"{self.job_id}-{job.runs}")
         try:
             summary = asyncio.run(runner.run())
             job.state = "cancelled" if summary.cancelled else "done"

@@ -42,33 +42,15 @@ from services.labeling.outputs import (
     write_manifest,
     write_record,
 )
-from shared.canonical import canonical_slices
 from shared.data.nifti import label_to_nifti_bytes, nifti_to_bytes, probs_to_nifti
 from shared.data.resize import resize_image, resize_label
 from shared.hashing import file_sha256
-from shared.protocol import Limits
-from shared.stream_messages import BULK_STREAM
+from shared.jobs import JobSpec
+from shared.wire.canonical import canonical_slices
+from shared.wire.messages import BULK_STREAM
+from shared.wire.protocol import Limits
 
 log = logging.getLogger("vessa.label")
-
-
-@dataclass
-class LabelJob:
-    data: Path
-    out: Path
-    cases: list[str] | None = None
-    selection: str = "unlabeled"  # or "all"
-    class_ids: list[int] | None = None
-    probs: bool = False  # also write per-class probabilities (4D uint8 NIfTI, p·255) under OUT/probs
-    # each case as one volume request (the assistant's 3D context and cleaning, as `vessa assistant
-    # eval` measures it); False: requests of `batch_slices` independent slices
-    volume_calls: bool = True
-    batch_slices: int = 8
-    max_in_flight: int = 4
-    cases_in_flight: int = 3
-    request_timeout_s: float = 900.0
-    request_stream: str = BULK_STREAM  # the dispatcher's low-priority lane
-    job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
 @dataclass
@@ -123,12 +105,27 @@ def case_confidence(stats: dict[int, ClassStats]) -> float:
 
 
 class LabelRunner:
-    def __init__(self, job: LabelJob, redis_url: str, on_event: Event | None = None, should_stop: Callable[[], bool] | None = None):
+    """Works one `JobSpec` (its `out` set) through the stream `request_stream` (default the dispatcher's
+    low-priority lane); `run_id` names this run in the records and the stream client."""
+
+    def __init__(
+        self,
+        job: JobSpec,
+        redis_url: str,
+        on_event: Event | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        run_id: str | None = None,
+        request_stream: str = BULK_STREAM,
+    ):
+        if job.out is None:
+            raise ValueError("the job has no output directory (JobSpec.out)")
         self.job = job
         self.redis_url = redis_url
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.request_stream = request_stream
         self.on_event = on_event or (lambda kind, data: None)
         self.should_stop = should_stop or (lambda: False)
-        self.summary = JobSummary(job.job_id)
+        self.summary = JobSummary(self.run_id)
         self.records: dict[str, CaseRecord] = {}
         self.class_names: dict[int, str] = {}
         self._last_manifest = 0.0
@@ -137,17 +134,17 @@ class LabelRunner:
     def job_info(self) -> dict:
         j = self.job
         return {
-            "job_id": j.job_id,
+            "job_id": self.run_id,
             "data": str(j.data),
             "selection": j.selection if not j.cases else "cases",
-            "class_ids": j.class_ids,
+            "class_ids": j.classes,
             "probs": j.probs,
             "model_version": self.summary.model_version,
             "bank_version": self.summary.bank_version,
         }
 
     async def run(self) -> JobSummary:
-        from student_trainer.stream_client import AsyncStreamClient
+        from shared.wire.stream_client import AsyncStreamClient
 
         j = self.job
         t0 = time.perf_counter()
@@ -165,7 +162,7 @@ class LabelRunner:
             )
         self.records = read_records(out)
         client = AsyncStreamClient(
-            self.redis_url, f"label-{j.job_id}", max_in_flight=j.max_in_flight, request_stream=j.request_stream
+            self.redis_url, f"label-{self.run_id}", max_in_flight=j.max_in_flight, request_stream=self.request_stream
         )
         self.client = client
         await client.start()
@@ -189,11 +186,11 @@ class LabelRunner:
     async def _probe(self, client) -> None:
         """One blank slice: the service's model and bank versions (the resume key), and a clear error
         when the service cannot answer at all."""
-        rid = await client.submit(np.zeros((1, 256, 256), np.uint8), class_ids=self.job.class_ids)
-        res = await client.result(rid, self.job.request_timeout_s)
+        rid = await client.submit(np.zeros((1, 256, 256), np.uint8), class_ids=self.job.classes)
+        res = await client.result(rid, self.job.timeout_s)
         if res is None:
             raise RuntimeError(
-                f"the assistant did not answer within {self.job.request_timeout_s:.0f} s "
+                f"the assistant did not answer within {self.job.timeout_s:.0f} s "
                 "(is a dispatcher running on this Redis, with the Serve app up?)"
             )
         if res.status != "ok":
@@ -238,11 +235,11 @@ class LabelRunner:
             return self._failed(case, sha, str(exc), t0)
         rids = []
         if j.volume_calls and len(canon) <= Limits().max_slices:  # a replica's per-call slice limit
-            rids.append(await client.submit(canon, class_ids=j.class_ids, return_probs=j.probs, volume=True))
+            rids.append(await client.submit(canon, class_ids=j.classes, return_probs=j.probs, volume=True))
         else:
             for i in range(0, len(canon), j.batch_slices):
                 rids.append(
-                    await client.submit(canon[i : i + j.batch_slices], class_ids=j.class_ids, return_probs=j.probs)
+                    await client.submit(canon[i : i + j.batch_slices], class_ids=j.classes, return_probs=j.probs)
                 )
         labels, confs, probs = [], [], []
         model_version, bank_version = s.model_version, s.bank_version
@@ -251,7 +248,7 @@ class LabelRunner:
             res = await self._result(client, rid)
             if res is None:
                 client.abandon(rid)
-                error = error or f"no answer within {j.request_timeout_s:.0f} s while the service answered nothing else"
+                error = error or f"no answer within {j.timeout_s:.0f} s while the service answered nothing else"
                 continue
             if res.status != "ok":
                 error = error or f"assistant: {res.error}"
@@ -271,7 +268,7 @@ class LabelRunner:
         d, h, w = vol.image.shape
         label = resize_label(lab256, (h, w)).astype(np.uint8)
         n_classes = conf.shape[1]
-        class_ids = j.class_ids or list(range(1, n_classes))
+        class_ids = j.classes or list(range(1, n_classes))
         stats = class_stats(label, conf, class_ids, vol.spacing)
         dest = label_path(out, case.case_id)
         probs_dest = probs_path(out, case.case_id) if j.probs else None
@@ -299,7 +296,7 @@ class LabelRunner:
             model_version=model_version,
             bank_version=bank_version,
             seconds=round(time.perf_counter() - t0, 3),
-            run_id=j.job_id,
+            run_id=self.run_id,
             finished_at=time.time(),
         )
         await asyncio.to_thread(write_record, out, rec)
@@ -313,7 +310,7 @@ class LabelRunner:
         behind every request of the job queued before it (a slow CPU replica under a deep queue)."""
         while True:
             answered = client.stats["answered"] + client.stats["errors"]
-            res = await client.result(rid, self.job.request_timeout_s)
+            res = await client.result(rid, self.job.timeout_s)
             if res is not None or client.stats["answered"] + client.stats["errors"] == answered:
                 return res
             log.info("request %s still queued behind answered ones; waiting on", rid)
@@ -340,12 +337,12 @@ class LabelRunner:
             input=str(case.path),
             input_sha256=sha,
             seconds=round(time.perf_counter() - t0, 3),
-            run_id=self.job.job_id,
+            run_id=self.run_id,
             finished_at=time.time(),
         )
         write_record(Path(self.job.out), rec)
         return rec
 
 
-def run_label_job(job: LabelJob, redis_url: str, on_event: Event | None = None, should_stop=None) -> JobSummary:
+def run_label_job(job: JobSpec, redis_url: str, on_event: Event | None = None, should_stop=None) -> JobSummary:
     return asyncio.run(LabelRunner(job, redis_url, on_event, should_stop).run())

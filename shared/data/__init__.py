@@ -6,8 +6,9 @@ split = split_by_patient(ds, n_labeled=3)  # split.labeled[i] -> LabeledSlice
                                            # split.unlabeled[i] -> UnlabeledSlice (no label)
 """
 
-from shared.data.base import SliceDataset, detect_format, open_dataset
+from shared.data.base import SliceDataset
 from shared.data.classes import CARDIAC_CLASSES
+from shared.data.layouts import detect_format, open_dataset
 from shared.data.split import LabeledPool, ProtocolSplit, UnlabeledPool, split_by_patient
 from shared.data.types import ClassInfo, LabeledSlice, SliceRef, UnlabeledSlice, Volume
 

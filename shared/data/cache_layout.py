@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.base import SliceDataset, _check_split
+from shared.data.base import SliceDataset, check_split
+from shared.data.cache_format import CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, dequantise
 from shared.data.classes import classes_from_json
 from shared.data.packing import read_entries, read_entry
-from shared.data.prepare import CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, dequantise
 from shared.data.types import LabeledSlice, SliceRef, UnlabeledSlice, Volume
 
 
@@ -109,7 +109,7 @@ class CacheDataset(SliceDataset):
 
     # -- volumes -----------------------------------------------------------------------------------
     def _split(self, split: str) -> dict:
-        _check_split(split)
+        check_split(split)
         spec = self.index.get("volumes", {}).get(split)
         if spec is None:
             raise FileNotFoundError(

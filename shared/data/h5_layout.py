@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from shared.data.base import SliceDataset, _check_split, parse_slice_key, patient_of_case
+from shared.data.base import SliceDataset, check_split, parse_slice_key, patient_of_case
 from shared.data.classes import CARDIAC_CLASSES
 from shared.data.types import ClassInfo, LabeledSlice, SliceRef, UnlabeledSlice, Volume
 
@@ -87,14 +87,14 @@ class SSL4MISDataset(SliceDataset):
             return tuple(int(s) for s in f["image"].shape)  # type: ignore[return-value]
 
     def volume_ids(self, split: str) -> list[str]:
-        _check_split(split)
+        check_split(split)
         path = self.root / f"{split}.list"
         if not path.is_file():
             raise FileNotFoundError(f"the '{split}' split needs {path}, which does not exist")
         return read_list(path)
 
     def read_volume(self, case_id: str, split: str, with_label: bool = True) -> Volume:
-        _check_split(split)
+        check_split(split)
         path = self.root / "volumes" / f"{case_id}.h5"
         if not path.is_file():
             raise FileNotFoundError(f"volume {case_id!r} of split {split!r} not found: {path}")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.base import SliceDataset, _check_split, slice_key
+from shared.data.base import SliceDataset, check_split, slice_key
 from shared.data.classes import classes_from_names
 from shared.data.nifti import load_label_nifti, load_nifti, nifti_geometry, normalize_minmax
 from shared.data.types import LabeledSlice, SliceRef, UnlabeledSlice, Volume
@@ -198,7 +198,7 @@ class MSDDataset(SliceDataset):
 
     # -- volumes -----------------------------------------------------------------------------------
     def volume_ids(self, split: str) -> list[str]:
-        _check_split(split)
+        check_split(split)
         if self.splits is not None and split in self.splits:
             return list(self.splits[split])
         if split == "test" and self._test_files:
@@ -207,7 +207,7 @@ class MSDDataset(SliceDataset):
         raise FileNotFoundError(f"the '{split}' split needs {self.root / what}, which does not exist")
 
     def read_volume(self, case_id: str, split: str, with_label: bool = True) -> Volume:
-        _check_split(split)
+        check_split(split)
         vol = self._volume(case_id)
         label = self._label_volume(case_id) if with_label else None
         return Volume(

@@ -25,25 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.base import SliceDataset, open_dataset
+from shared.data.base import SliceDataset
+from shared.data.cache_format import CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, quantise
 from shared.data.classes import classes_to_json
+from shared.data.layouts import open_dataset
 from shared.data.packing import CODECS, PackWriter
 from shared.data.resize import resize_image, resize_label
 
-CACHE_FORMAT = "vessa-cache"
-CACHE_VERSION = 1
-INDEX_NAME = "vessa_cache.json"
 CHUNK_SLICES = 64  # slices per compressed image stream: ~4 MB raw, bz2 works in 900 kB blocks anyway
-
-
-def quantise(image: np.ndarray) -> np.ndarray:
-    """[0, 1] float -> uint8 (round to nearest; |error| <= 0.5/255)."""
-    return np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
-
-
-def dequantise(q: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [0, 1]."""
-    return q.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
 def _spacing_list(spacing) -> list[float] | None:

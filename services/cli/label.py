@@ -1,0 +1,248 @@
+"""`vessa label`: pseudo-label a whole dataset through the Redis request stream (docs/jobs.md).
+
+    vessa label --data DIR --out DIR [--redis URL | --ckpt CKPT --bank BANK]
+    vessa label --url URL --data DIR-UNDER-THE-SERVICE'S-DATA-ROOT
+    vessa label rank OUT [--suggest K]     vessa label score OUT --truth DIR
+
+With `--redis` (or VESSA_REDIS_URL) this process runs the job against that service's request stream;
+with `--url` the service's own runner actor runs it (POST /v1/jobs) and this process follows it;
+with neither it starts the embedded default (local Ray Serve + Redis + dispatcher) with the assistant
+named by `--ckpt`.
+Exit code 0 when every case is labeled (or was already), 1 when any case failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import typer
+
+label_app = typer.Typer(
+    help="Label a whole dataset (resumable), then rank the labels for review and score them.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+    if any(v < 1 or v > 255 for v in values):
+        raise typer.BadParameter(f"{what} must lie in 1..255 (0 is the background)")
+    return values
+
+
+@label_app.callback()
+def label_cmd(
+    ctx: typer.Context,
+    data: Path | None = typer.Option(None, "--data", help="dataset: nnU-Net/MSD, SSL4MIS HDF5 or a folder of NIfTI files"),
+    out: Path | None = typer.Option(None, "--out", help="output directory (labels/, records/, labels.json, labels.csv)"),
+    url: str | None = typer.Option(None, "--url", help="REST URL of a running service: the job runs there (POST /v1/jobs; --data is then relative to its data root)"),
+    token: str | None = typer.Option(None, "--token", envvar="VESSA_API_TOKEN", help="bearer token for --url"),
+    redis_url: str | None = typer.Option(None, "--redis", envvar="VESSA_REDIS_URL", help="Redis of a running service (its dispatcher and replicas do the work)"),
+    ckpt: str | None = typer.Option(None, "--ckpt", help="embedded default: assistant checkpoint ('random'/'pretrained' only when asked for by name)"),
+    bank: Path | None = typer.Option(None, "--bank", help="embedded default: template bank"),
+    encoder: str = typer.Option("litemedsam", help="embedded default: litemedsam or tiny"),
+    device: str = typer.Option("cpu", help="embedded default: cpu or cuda"),
+    replicas: int = typer.Option(1, min=1, help="embedded default: assistant replicas"),
+    embed_store: Path | None = typer.Option(None, "--embed-store", help="embedded default: persisted encoder embeddings to read and fill (vessa assistant embed)"),
+    cases: str | None = typer.Option(None, "--cases", help="comma-separated case ids (default: the selection below)"),
+    all_cases: bool = typer.Option(False, "--all/--unlabeled", help="every case, or only cases without ground truth (default)"),
+    classes: str | None = typer.Option(None, "--classes", help="comma-separated class indices (default: every class of the bank)"),
+    probs: bool = typer.Option(False, "--probs", help="also write per-class probabilities: OUT/probs/<case>.nii.gz, 4D uint8 (p·255, background first)"),
+    volume_calls: bool = typer.Option(True, "--volume-calls/--slice-calls", help="each case as one volume request (3D context and cleaning; default) or as independent slices in requests of --batch-slices"),
+    batch_slices: int = typer.Option(8, min=1, max=64, help="slices per request with --slice-calls (and for cases over 1,024 slices)"),
+    max_in_flight: int = typer.Option(4, min=1, max=64, help="requests of this job on the stream at once (bounds what a trainer waits behind)"),
+    cases_in_flight: int = typer.Option(3, min=1, max=32, help="cases read / inferred / written at once"),
+    timeout_s: float = typer.Option(900.0, "--timeout", min=1.0, help="seconds without any answer to this job before a waiting case fails"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
+):
+    """Label every selected case: uint8 NIfTI per case in the input's geometry, a manifest, resumable."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if url:
+        if data is None:
+            raise typer.BadParameter("--data is required (a dataset under the service's data root)")
+        raise typer.Exit(_run_remote(url, token, str(data), cases, all_cases, classes, probs, batch_slices, max_in_flight, cases_in_flight, progress))
+    if data is None or out is None:
+        raise typer.BadParameter("--data and --out are required (or use `vessa label rank|score`)")
+    from pydantic import ValidationError
+
+    from shared.jobs import JobSpec
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        job = JobSpec(
+            data=str(data.resolve()),
+            out=str(out.resolve()),
+            cases=[c.strip() for c in cases.split(",") if c.strip()] if cases else None,
+            selection="all" if all_cases else "unlabeled",
+            classes=_int_list(classes, "--classes"),
+            probs=probs,
+            volume_calls=volume_calls,
+            batch_slices=batch_slices,
+            max_in_flight=max_in_flight,
+            cases_in_flight=cases_in_flight,
+            timeout_s=timeout_s,
+        )
+    except ValidationError as exc:  # a bad case id or class index: a usage error, named
+        raise typer.BadParameter("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    if not Path(job.data).is_dir():
+        raise typer.BadParameter(f"dataset directory not found: {data}", param_hint="--data")
+    if redis_url:
+        summary = _run(job, redis_url, progress)
+    else:
+        if ckpt is None or bank is None:
+            raise typer.BadParameter(
+                "no running service given (--redis or VESSA_REDIS_URL) and no assistant for the embedded "
+                "default: pass --ckpt CKPT --bank BANK (untrained parts only when asked for: --ckpt random)"
+            )
+        from services.labeling.embedded import embedded_service
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        typer.echo("starting the embedded default (local Ray Serve + Redis + dispatcher)…", err=True)
+        store = embed_store.resolve() if embed_store else None
+        with embedded_service(ckpt, bank.resolve(), Path(job.out) / ".service", encoder, device, replicas, store) as url:
+            summary = _run(job, url, progress)
+    raise typer.Exit(1 if summary.failed else 0)
+
+
+def _run_remote(url, token, data, cases, all_cases, classes, probs, batch_slices, max_in_flight, cases_in_flight, show_progress) -> int:
+    """The job on a running service (its runner actor does the work); follows it until it ends."""
+    import time
+
+    from tqdm import tqdm
+
+    from services.ingress.client import AssistantClient
+
+    client = AssistantClient(url, token=token, timeout=60)
+    created = client.label_dataset(
+        data,
+        cases=[c.strip() for c in cases.split(",") if c.strip()] if cases else None,
+        selection="all" if all_cases else "unlabeled",
+        classes=_int_list(classes, "--classes"),
+        probs=probs,
+        batch_slices=batch_slices,
+        max_in_flight=max_in_flight,
+        cases_in_flight=cases_in_flight,
+    )
+    job_id = created["job_id"]
+    typer.echo(f"job {job_id}: {created['data']} → {created['out']}", err=True)
+    bar = tqdm(total=0, unit="slice", desc=f"job {job_id}", disable=not show_progress, dynamic_ncols=True)
+    try:
+        while True:
+            job = client.job(job_id)
+            if job["slices_total"] and bar.total != job["slices_total"]:
+                bar.total = job["slices_total"]
+                bar.refresh()
+            bar.update(job["slices_done"] - bar.n)
+            c = job["counts"]
+            bar.set_postfix_str(f"{job['state']} cases {c['labeled'] + c['skipped'] + c['failed']}/{c['cases']} failed {c['failed']}")
+            if job["state"] in ("done", "failed", "cancelled"):
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        client.cancel_job(job_id)
+        typer.echo(f"\ncancel requested for job {job_id} (finished outputs stay)", err=True)
+        return 130
+    finally:
+        bar.close()
+    c = job["counts"]
+    for case, err in list(job["errors"].items())[:20]:
+        typer.echo(f"failed  {case}: {err}")
+    typer.echo(
+        f"job {job_id} {job['state']}: {c['cases']} cases, {c['labeled']} labeled, {c['skipped']} already done, "
+        f"{c['failed']} failed; {job['slices_per_s']:.2f} slices/s; outputs in {created['out']} (on the service's storage)"
+    )
+    if job["state"] == "failed":
+        typer.echo(f"error: {job['error']}", err=True)
+    return 1 if job["state"] != "done" or c["failed"] else 0
+
+
+def _run(job, redis_url: str, show_progress: bool):
+    from tqdm import tqdm
+
+    from services.labeling.report import summary_table
+    from services.labeling.runner import run_label_job
+
+    bar: dict = {}
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "start":
+            bar["t"] = tqdm(total=data["slices"], unit="slice", desc="labeling", disable=not show_progress, dynamic_ncols=True)
+            bar["counts"] = {"ok": 0, "skipped": 0, "failed": 0}
+            bar["n"] = data["cases"]
+        elif kind == "case":
+            rec = data["record"]
+            key = "skipped" if rec is None else ("ok" if rec.status == "ok" else "failed")
+            bar["counts"][key] += 1
+            c = bar["counts"]
+            bar["t"].set_postfix_str(f"cases {sum(c.values())}/{bar['n']} ok {c['ok']} skipped {c['skipped']} failed {c['failed']}")
+            bar["t"].update(data["slices"])
+        elif kind == "done" and "t" in bar:
+            bar["t"].close()
+
+    summary = run_label_job(job, redis_url, on_event)
+    from services.labeling.outputs import read_records
+
+    typer.echo(summary_table(read_records(Path(job.out)), summary))
+    typer.echo(f"labels: {Path(job.out) / 'labels'}   manifest: {Path(job.out) / 'labels.json'}")
+    return summary
+
+
+@label_app.command("rank")
+def rank_cmd(
+    out: Path = typer.Argument(..., help="a labeling output directory (vessa label --out)"),
+    suggest: int = typer.Option(0, "--suggest", min=0, help="pick K cases to label next (low confidence and diverse)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Cases from least to most trusted; with --suggest K, the K an expert should label next."""
+    import json
+
+    from services.labeling.outputs import read_records
+    from services.labeling.ranking import ranking
+    from services.labeling.ranking import suggest as suggest_cases
+
+    if not (out / "records").is_dir():
+        raise typer.BadParameter(f"no labeling output at {out} (records/ missing)", param_hint="OUT")
+    records = read_records(out)
+    rows = suggest_cases(records, out, suggest) if suggest else ranking(records)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    names = sorted({n for r in rows for n in r["classes"]})
+    head = f"{'pick' if suggest else 'rank':>4}  {'case':<28} {'conf':>6}  " + " ".join(f"{n[:8]:>8}" for n in names) + "  worst class"
+    typer.echo(head)
+    typer.echo("-" * len(head))
+    for r in rows:
+        per = " ".join(f"{r['classes'][n]:8.3f}" if r["classes"].get(n) is not None else f"{'-':>8}" for n in names)
+        typer.echo(f"{r.get('pick', r['rank']):>4}  {r['case_id'][:28]:<28} {r['confidence'] or 0:6.3f}  {per}  {r['worst_class'] or '-'}")
+    failed = sum(rec.status != "ok" for rec in records.values())
+    if failed:
+        typer.echo(f"({failed} failed cases are not ranked; see labels.json)")
+
+
+@label_app.command("score")
+def score_cmd(
+    out: Path = typer.Argument(..., help="a labeling output directory (vessa label --out)"),
+    truth: Path = typer.Option(..., "--truth", help="ground truth: a dataset (MSD labelsTr/, SSL4MIS volumes/) or a folder of <case>.nii.gz"),
+):
+    """Written labels against ground truth: per-case and per-class Dice and HD95, and the Spearman
+    correlation between case confidence and true Dice (written to OUT/score.json)."""
+    from services.labeling.scoring import score, score_table
+
+    if not (out / "records").is_dir():
+        raise typer.BadParameter(f"no labeling output at {out} (records/ missing)", param_hint="OUT")
+    if not truth.is_dir():
+        raise typer.BadParameter(f"ground-truth directory not found: {truth}", param_hint="--truth")
+    typer.echo(score_table(score(out, truth)))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(label_app, name="label")

@@ -1,0 +1,134 @@
+"""`POST /v1/pseudo-labels`: a NIfTI volume or a .npy batch of slices → label map (same format) + confidence."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.responses import Response
+
+from services.ingress.errors import CALL_ERRORS, CALL_TEXT, bad, error_responses
+from services.ingress.multipart import MEDIA_TYPE, multipart_response
+from services.ingress.state import IngressState, get_state
+from services.ingress.uploads import UploadedVolume, read_upload, write_like
+from shared.wire.arrays import WireError, decode_array, read_npy, write_npy
+from shared.wire.protocol import AssistReply, Limits, encode_call, probabilities
+
+router = APIRouter()
+
+
+def parse_class_ids(spec: str | None, classes: list[dict]) -> list[int] | None:
+    """'LV,RV' or '3,1' → class indices; unknown names are a 400."""
+    if spec is None or not spec.strip():
+        return None
+    ids = []
+    by_name = {c["name"].lower(): c["index"] for c in classes}
+    valid = {c["index"] for c in classes if c["index"] != 0}
+    for token in spec.split(","):
+        token = token.strip()
+        # ASCII digits only: str.isdigit() accepts '²', which int() then refuses (a 500)
+        if re.fullmatch(r"-?[0-9]{1,6}", token) and int(token) in valid:
+            ids.append(int(token))
+        elif token.lower() in by_name and by_name[token.lower()] != 0:
+            ids.append(by_name[token.lower()])
+        else:
+            raise bad(
+                f"unknown class {token!r}: known classes are {[c['name'] for c in classes if c['index'] != 0]}"
+            )
+    return ids
+
+
+@router.post(
+    "/v1/pseudo-labels",
+    summary="Pseudo-label a NIfTI volume or a .npy batch of 2D slices",
+    response_class=Response,
+    responses=error_responses(CALL_TEXT, 400, 409, 413, *CALL_ERRORS, ok=MEDIA_TYPE),
+)
+async def pseudo_labels(
+    file: UploadFile = File(..., description=".nii, .nii.gz (a volume) or .npy ((B, H, W) or (H, W) slices)"),
+    probs: UploadFile | None = File(
+        None,
+        description="student probabilities: .npy (B, C, H, W) or NIfTI 4D (X, Y, Z, C); float in [0, 1] or uint8 p·255",
+    ),
+    classes_: str | None = Form(
+        None, alias="classes", description="class subset, names or indices, comma-separated"
+    ),
+    axis: int | None = Form(None, description="through-plane axis of a volume (default: largest spacing)"),
+    return_probs: bool = Form(
+        False, description=".npy input only: also return (B, C, H, W) uint8 probabilities"
+    ),
+    state: IngressState = Depends(get_state),
+):
+    limits = state.settings.limits
+    upload = read_upload(await file.read(), file.filename or "", axis, limits)
+    classes = await state.classes()
+    ids = parse_class_ids(classes_, classes)
+    prob_slices = None
+    if probs is not None:
+        prob_slices = _read_probs(await probs.read(), probs.filename or "", upload, limits)
+    meta, blobs = encode_call(
+        list(upload.slices),
+        probs=prob_slices,
+        class_ids=ids,
+        return_probs=return_probs and upload.kind == "npy",
+        volume=upload.kind != "npy",  # a NIfTI volume is one piece; a .npy batch is independent slices
+    )
+    reply_meta, reply_blobs = await state.call("assist", meta.model_dump_json(), blobs)
+    reply = AssistReply.model_validate_json(reply_meta)
+    if reply.status == "error":
+        raise bad(
+            reply.error or "assistant error",
+            409 if reply.error_kind == "bank_version" else (500 if reply.error_kind == "internal" else 400),
+        )
+    labels = np.stack([decode_array(s.label, reply_blobs) for s in reply.slices])
+    n = len(reply.slices)
+    state.metrics.count_slices(n)
+    info = {
+        "shape": list(upload.original_shape),
+        "slices": n,
+        "axis": upload.axis,
+        "classes": {str(c["index"]): c["name"] for c in classes},
+        "confidence": [s.confidence for s in reply.slices],
+        "confidence_layout": "per slice along the through-plane axis, per class index (background first); null = class not requested",
+        "model_version": reply.model_version,
+        "bank_version": reply.bank_version,
+        "timing": reply.timing,
+    }
+    headers = {"X-VESSA-Bank-Version": str(reply.bank_version), "X-VESSA-Model": reply.model_version}
+    if upload.kind == "npy":
+        if return_probs:
+            p = np.stack([decode_array(s.probs, reply_blobs) for s in reply.slices])
+            payload = write_npy(np.concatenate([labels[:, None], p], axis=1))
+            info["layout"] = "(B, 1 + C, H, W) uint8: channel 0 the label map, then probabilities p·255"
+        else:
+            payload = write_npy(labels.reshape(upload.original_shape))
+        return multipart_response(info, payload, "labels.npy", "application/octet-stream", headers)
+    data, name = write_like(upload, labels)
+    return multipart_response(info, data, name, "application/octet-stream", headers)
+
+
+def _read_probs(data: bytes, filename: str, upload: UploadedVolume, limits: Limits) -> list[np.ndarray]:
+    """Student probabilities matching the upload: per slice (C, H, W)."""
+    if upload.kind == "npy":
+        arr = read_npy(data, limits.max_array_bytes)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if (
+            arr.ndim != 4
+            or arr.shape[0] != upload.slices.shape[0]
+            or arr.shape[2:] != upload.slices.shape[1:]
+        ):
+            raise WireError(
+                f"student probabilities of shape {arr.shape} do not match the slices {upload.slices.shape}: expected (B, C, H, W)"
+            )
+        return [probabilities(a, f"student probabilities of slice {i}", limits) for i, a in enumerate(arr)]
+    vol = read_upload(data, filename, upload.axis, limits, allow_4d=True)
+    if vol.channels is None:
+        raise WireError("student probabilities as NIfTI must be 4D (X, Y, Z, C)")
+    arr = vol.channels  # (D, C, H, W)
+    if arr.shape[0] != upload.slices.shape[0] or arr.shape[2:] != upload.slices.shape[1:]:
+        raise WireError(
+            f"student probabilities of spatial shape {vol.original_shape} do not match the volume {upload.original_shape}"
+        )
+    return [probabilities(a, f"student probabilities of slice {i}", limits) for i, a in enumerate(arr)]

@@ -1,0 +1,19 @@
+"""Settings of the HTTP ingress (Serve application args or `VESSA_` environment variables)."""
+
+from __future__ import annotations
+
+from shared.config import VessaSettings
+from shared.wire.protocol import Limits
+
+
+class ApiSettings(VessaSettings):
+    """Ingress settings (Serve application args or `VESSA_` env vars)."""
+
+    api_token: str | None = None
+    max_upload_mb: float = 256.0
+    request_timeout_s: float = 120.0
+    redis_url: str | None = None  # when set, /metrics reports the request stream's depth; jobs need it
+    request_stream: str = "vessa:requests"
+    limits: Limits = Limits()
+    data_root: str | None = None  # labeling jobs read datasets only under this directory (None: jobs off)
+    job_output_root: str | None = None  # where jobs write (default <data_root>/vessa-labels)
