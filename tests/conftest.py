@@ -1,4 +1,4 @@
-"""Shared fixtures: real parts, started for real.
+"""Shared fixtures: real parts, started for real (helpers without a fixture live in tests/helpers.py).
 
 - `synth_dir`: the built-in synthetic cardiac dataset (MSD NIfTI layout), small.
 - `tiny_bank`: a template bank of its labeled cases, built with the tiny encoder (fast on CPU).
@@ -9,28 +9,22 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.helpers import (
+    ASSISTANT_TEST_OPTIONS,
+    SERVE_TEST_ARGS,
+    SMALL,
+    ServeApp,
+    copy_bank,
+    free_port,
+    wait_ready,
+)
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
@@ -50,35 +44,6 @@ def tiny_bank(synth_dir, tmp_path_factory) -> Path:
     return out
 
 
-def copy_bank(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-@dataclass
-class ServeApp:
-    url: str
-    gcs_address: str
-    bank: Path
-    auth_url: str
-    token: str
-
-
-SERVE_TEST_ARGS = {
-    "ckpt": "random",
-    "encoder": "tiny",
-    "device": "cpu",
-    "max_batch_slices": 16,
-    "batch_wait_timeout_s": 0.01,
-    "max_upload_mb": 8,
-    "request_timeout_s": 60,
-    "cache_device_entries": 512,
-}
-SMALL = {"ray_actor_options": {"num_cpus": 0}}
-# The assistant's replica is health-checked every second here (10 s in the app): Serve learns of a
-# replica killed by a test (tests/test_faults_streams.py) at its next health check and only then starts
-# a new one, so this bounds how long such a test waits; the check itself is a flag read.
-ASSISTANT_TEST_OPTIONS = {**SMALL, "health_check_period_s": 1}
 
 
 @pytest.fixture(scope="session")
@@ -114,24 +79,12 @@ def serve_app(tiny_bank, tmp_path_factory):
         ]
     )
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url)
-    _wait_ready(url + "/secure")
+    wait_ready(url)
+    wait_ready(url + "/secure")
     yield ServeApp(url, ray.get_runtime_context().gcs_address, bank, url + "/secure", token)
     # No serve.shutdown() first: it drains every replica gracefully (~5 s), while ray.shutdown() stops
     # this local Ray instance, and with it every Serve actor, at once.
     ray.shutdown()
-
-
-def _wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready within {timeout} s")
 
 
 @pytest.fixture
@@ -141,38 +94,3 @@ def redis_server(tmp_path):
     server = EmbeddedRedis(tmp_path / "redis").start()
     yield server
     server.stop()
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, 30 s to exit, then SIGKILL."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def start_dispatcher(redis_url: str, gcs_address: str, log_path: Path, **env_overrides) -> subprocess.Popen:
-    """A real dispatcher process (`vessa dispatcher`) connected to the session's Serve app."""
-    env = dict(os.environ)
-    env.update({f"VESSA_{k.upper()}": str(v) for k, v in env_overrides.items()})
-    env["VESSA_REDIS_URL"] = redis_url
-    log = open(log_path, "ab")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli.main",
-            "dispatcher",
-            "--redis-url",
-            redis_url,
-            "--ray-address",
-            gcs_address,
-        ],
-        cwd=str(ROOT),
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )

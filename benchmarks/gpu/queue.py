@@ -7,7 +7,7 @@
 checklist and the ledger. Every item checks for a real answer (a bank with exemplars, a label map with
 foreground, a finite Dice above a floor, assistant answers that arrived), not only a clean exit, and
 exits non-zero when a check fails. `--small`: the same commands on synthetic data, the tiny encoder,
-the CPU and a handful of steps (what tests/test_gpu_queue.py runs).
+the CPU and a handful of steps (what tests/e2e/test_gpu_queue.py runs).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from services.runtime.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ITEMS_FILE = Path(__file__).with_name("items.txt")
@@ -219,7 +220,7 @@ def run_smoke(it: Item) -> None:
     )
     it.check("Stage-1: checkpoint", ckpt.is_file(), str(ckpt))
 
-    port = _free_port()
+    port = free_port()
     log = it.out / "logs" / "serve.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cfg = ["--config", "deploy/serve_gpu.yaml"] if not it.small else ["--num-cpus", "2"]
@@ -458,12 +459,6 @@ def _same_shape(src: Path, pred: Path) -> bool:
         return a.shape == b.shape and data.dtype == np.uint8 and int(data.max()) <= 3
     except Exception:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_serving(log: Path, proc: subprocess.Popen, timeout: float) -> tuple[str | None, str | None]:

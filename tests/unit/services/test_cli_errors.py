@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from services.cli.main import EXIT_FAILURE, EXIT_USAGE, _take_debug_flag, run
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def _run(capsys, *args: str) -> tuple[int, str]:

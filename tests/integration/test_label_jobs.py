@@ -26,7 +26,7 @@ from shared.data import open_dataset
 from shared.jobs import JobSpec
 from shared.wire.canonical import canonical_slices
 from shared.wire.stream_client import AsyncStreamClient
-from tests.conftest import ROOT, start_dispatcher, stop_process
+from tests.helpers import ROOT, start_dispatcher, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

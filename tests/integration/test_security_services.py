@@ -22,7 +22,7 @@ from services.dispatch.dispatcher import RedisAuthError
 from services.runtime.redis_server import EmbeddedRedis, find_redis_server, free_port
 from shared.wire.messages import result_stream
 from shared.wire.stream_client import AsyncStreamClient
-from tests.conftest import start_dispatcher
+from tests.helpers import start_dispatcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -3,8 +3,8 @@
 Whatever a producer XADDs, the dispatcher answers it with an `error` result (the call was readable but
 its data was not usable) or a `dead` one (the entry itself was malformed, parked on the dead-letter
 stream), each once and with a reason, and keeps serving the good requests around it. (The property
-tests of the decoders themselves are in tests/test_fuzz_decoders.py; the malformed-JSON and truncated-
-payload cases in tests/test_streams.py.)
+tests of the decoders themselves are in tests/unit/shared/test_fuzz_decoders.py; the malformed-JSON and truncated-
+payload cases in tests/integration/test_streams.py.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from shared.wire.messages import (
     result_stream,
 )
 from shared.wire.protocol import encode_call
-from tests.conftest import start_dispatcher
+from tests.helpers import start_dispatcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -26,7 +26,8 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -362,7 +363,7 @@ def test_entrypoint_assistant_replica_flags(tmp_path):
         "0.5",
         VESSA_INIT_DATA="0",
         RAY_PORT="6399",
-        ASSISTANT_CKPT="pretrained",  # without it, Stage-1 is trained first (tests/test_label_deploy.py)
+        ASSISTANT_CKPT="pretrained",  # without it, Stage-1 is trained first (tests/integration/test_label_deploy.py)
     )
     assert calls[0].startswith("ray start --head --port=6399")
     serve = next(c for c in calls if c.startswith("vessa serve"))

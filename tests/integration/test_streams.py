@@ -21,7 +21,7 @@ from shared.wire.messages import (
 )
 from shared.wire.protocol import encode_call
 from shared.wire.stream_client import AsyncStreamClient
-from tests.conftest import start_dispatcher
+from tests.helpers import start_dispatcher
 
 pytestmark = pytest.mark.slow
 

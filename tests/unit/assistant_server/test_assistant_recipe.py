@@ -17,6 +17,7 @@ from assistant_server.assistant.options import InferenceOptions
 from assistant_server.training.augmented_views import augmented_view, build_views, view_geometry, view_key
 from shared.calibration import reliability_table, spearman
 from shared.components import keep_largest, single_component_classes
+from tests.helpers import ROOT
 
 # ---------------------------------------------------------------------------------------------- ranking
 
@@ -227,7 +228,7 @@ def test_recipe_runs_unchanged_on_a_binary_dataset(synth_dir, tmp_path):
     data = _binary_dataset(synth_dir, tmp_path / "binary")
     config = tmp_path / "recipe.yaml"
     config.write_text(
-        (Path(__file__).resolve().parent.parent / "configs/assistant/acdc_3_cpu.yaml").read_text()
+        (ROOT / "configs/assistant/acdc_3_cpu.yaml").read_text()
     )
     s = load_settings(RecipeSettings, config, data=data, labeled=2, out=tmp_path / "rec", encoder="tiny")
     s = s.model_copy(update={"train": {**s.train, "steps": 3, "batch_size": 2, "augment_views": 1}})
@@ -301,7 +302,7 @@ def test_volume_templates_join_the_bank_and_a_slice_never_retrieves_itself(tiny_
 
 
 @pytest.mark.parametrize(
-    "config", sorted((Path(__file__).resolve().parent.parent / "configs/assistant").rglob("*.yaml")), ids=str
+    "config", sorted((ROOT / "configs/assistant").rglob("*.yaml")), ids=str
 )
 def test_every_shipped_recipe_resolves_and_takes_seed_and_steps_flags(config):
     """Each shipped recipe and ablation validates as a whole (Stage-1 keys included) and `--seed` /

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from services.ingress.client import AssistantClient
-from tests.conftest import SERVE_TEST_ARGS, SMALL, _wait_ready, copy_bank, start_dispatcher
+from tests.helpers import SERVE_TEST_ARGS, SMALL, copy_bank, start_dispatcher, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -64,7 +64,7 @@ def review_service(serve_app, tiny_bank, tmp_path_factory, synth_dir):
     }
     serve.run(build_app(args, {"VessaAssistant": dict(SMALL), "VessaIngress": dict(SMALL)}), name="vessa_review", route_prefix="/reviewapp")
     url = serve_app.url + "/reviewapp"
-    _wait_ready(url, 600)
+    wait_ready(url, 600)
     disp = start_dispatcher(redis_server.url, serve_app.gcs_address, base / "d.log")
     client = AssistantClient(url, token=TOKEN)
     job = client.label_dataset("study", selection="all", batch_slices=4)

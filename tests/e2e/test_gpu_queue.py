@@ -2,7 +2,7 @@
 synthetic data (prepared once here as a `vessa data prepare` cache), the tiny encoder, a handful of
 steps. Each item's own checks (a bank with exemplars, answers that arrived, a label map with foreground,
 finite metrics for every volume) must pass and its result.json must say so. `perf --small` runs in
-tests/test_benchmarks.py (it is device_run.sh's smallest form plus the graph-ready trainer), not here.
+tests/e2e/test_benchmarks.py (it is device_run.sh's smallest form plus the graph-ready trainer), not here.
 Cost on 2 cores: about 12 minutes on a quiet machine (student items about 40 s each, the assistant and
 VESSA pairs 3-4 minutes each, smoke about 4), several times that when the machine is loaded."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 

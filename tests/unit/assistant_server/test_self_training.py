@@ -19,7 +19,7 @@ from assistant_server.training.pseudo_bank import (
     slice_confidence,
 )
 from assistant_server.training.stage1 import Stage1Settings, train_stage1
-from tests.conftest import copy_bank
+from tests.helpers import copy_bank
 
 
 def test_pick_patients_spreads_over_the_order():
@@ -128,7 +128,7 @@ def test_pseudo_steps_do_not_train_the_iou_head():
 def test_recipe_self_training_round_on_a_binary_dataset(synth_dir, tmp_path):
     from assistant_server.checkpoint import read_checkpoint
     from assistant_server.training.recipe import RecipeSettings, run_recipe
-    from tests.test_assistant_recipe import _binary_dataset
+    from tests.unit.assistant_server.test_assistant_recipe import _binary_dataset
 
     data = _binary_dataset(synth_dir, tmp_path / "binary")
     s = RecipeSettings(

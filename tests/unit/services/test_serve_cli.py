@@ -13,7 +13,7 @@ import pytest
 
 from services.cli.serve import application_options, load_serve_config
 from services.runtime.placement import PlacementError, check_placement, replica_bounds
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
 CPU_CONFIG = ROOT / "deploy" / "serve_cpu.yaml"
 GPU_CONFIG = ROOT / "deploy" / "serve_gpu.yaml"

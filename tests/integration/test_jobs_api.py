@@ -16,7 +16,7 @@ import pytest
 
 from services.ingress.client import AssistantAPIError, AssistantClient
 from services.labeling.outputs import read_records
-from tests.conftest import SERVE_TEST_ARGS, SMALL, _wait_ready, copy_bank, start_dispatcher
+from tests.helpers import SERVE_TEST_ARGS, SMALL, copy_bank, start_dispatcher, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -52,7 +52,7 @@ def jobs_service(serve_app, tiny_bank, tmp_path_factory, synth_dir):
     args = {**SERVE_TEST_ARGS, "bank": str(bank), "redis_url": redis_server.url, "data_root": str(root), "job_output_root": str(out_root)}
     serve.run(build_app(args, {"VessaAssistant": dict(SMALL), "VessaIngress": dict(SMALL)}), name="vessa_jobs", route_prefix="/jobsapp")
     url = serve_app.url + "/jobsapp"
-    _wait_ready(url, 600)  # a replica start on a loaded 2-core machine can take minutes
+    wait_ready(url, 600)  # a replica start on a loaded 2-core machine can take minutes
     disp = start_dispatcher(redis_server.url, serve_app.gcs_address, base / "d.log")
     yield {"url": url, "root": root, "out": out_root, "redis": redis_server.url}
     disp.terminate()

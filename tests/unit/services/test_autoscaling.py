@@ -1,5 +1,5 @@
 """The backlog autoscaling policy's parts: the backlog read from a real Redis, and the decision rule.
-(Replicas coming and going on a real cluster: tests/test_multinode.py.)"""
+(Replicas coming and going on a real cluster: tests/e2e/test_multinode.py.)"""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 replaced, Redis at maxmemory, and the network between the trainer/dispatcher and Redis cut or paused.
 
 (The dispatcher killed and restarted, and Redis killed and restarted with its AOF, are in
-tests/test_streams.py.) Each scenario asserts the same contract: every request id is answered exactly
+tests/integration/test_streams.py.) Each scenario asserts the same contract: every request id is answered exactly
 once on its trainer's result stream, and a client completes only the ids it submitted.
 """
 
@@ -26,7 +26,7 @@ from shared.data import open_dataset
 from shared.wire.canonical import canonical_slices
 from shared.wire.messages import GROUP, REQUEST_STREAM, parse_result, result_stream
 from shared.wire.stream_client import AsyncStreamClient, QueueFullError
-from tests.conftest import ROOT, _wait_ready, start_dispatcher, stop_process
+from tests.helpers import ROOT, start_dispatcher, stop_process, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -115,7 +115,7 @@ def test_replica_killed_mid_batch_requests_answered_once(serve_app, redis_server
         assert "attempt 1 failed" in log.read_text(), "the kill hit no call in flight"
     finally:
         stop_process(disp)
-        _wait_ready(serve_app.url)  # the shared app must be healthy for the tests after this one
+        wait_ready(serve_app.url)  # the shared app must be healthy for the tests after this one
         assert len(_replica_actors()) == 1
 
 

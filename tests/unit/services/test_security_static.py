@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 PACKAGES = ["shared", "assistant_server", "services", "student_trainer", "benchmarks"]
 
 UNSAFE_MODULE_CALLS = {

@@ -16,7 +16,7 @@ from shared.wire.stream_client import AsyncStreamClient
 from student_trainer.config import TrainSettings
 from student_trainer.stream_link import StreamAssistantLink
 from student_trainer.train import train
-from tests.conftest import start_dispatcher
+from tests.helpers import start_dispatcher
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """The compose defaults of issue 16, checked without Docker: the entry point trains Stage-1 before it
 serves when no checkpoint is on the models volume (never untrained parts unless named), the `label`
-role, and the compose `label` profile. (The Docker end-to-end run is tests/test_deploy_docker.py.)"""
+role, and the compose `label` profile. (The Docker end-to-end run is tests/e2e/test_deploy_docker.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deploy_manifests import COMPOSE, ENTRYPOINT, command_list, compose_config, load_compose
+from tests.unit.services.test_deploy_manifests import (
+    COMPOSE,
+    ENTRYPOINT,
+    command_list,
+    compose_config,
+    load_compose,
+)
 
 STUB = """#!/usr/bin/env bash
 echo "$(basename "$0") $*" >> "$STUB_LOG"

@@ -1,4 +1,4 @@
-"""VESSA on a real multi-node Ray cluster (tests/multinode.py: head + two worker nodes on this host).
+"""VESSA on a real multi-node Ray cluster (tests/e2e/multinode.py: head + two worker nodes on this host).
 
 In file order, on one cluster: REST and the Redis path answer with the replicas on the workers, the
 ingress and dispatcher "a" on the head and dispatcher "b" on worker-2; the Redis backlog scales the
@@ -29,9 +29,9 @@ from services.runtime.redis_server import EmbeddedRedis
 from shared.data import open_dataset
 from shared.wire.canonical import canonical_slices
 from shared.wire.messages import GROUP, REQUEST_STREAM, result_stream
-from tests.conftest import ROOT
-from tests.test_faults_streams import _assert_answered_once_on_stream
-from tests.test_streams import _assert_exactly_once, _drive
+from tests.helpers import ROOT
+from tests.integration.test_faults_streams import _assert_answered_once_on_stream
+from tests.integration.test_streams import _assert_exactly_once, _drive
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -54,12 +54,12 @@ DISPATCHER_SETTINGS = {
 
 
 class ClusterHost:
-    """The tests/multinode.py process and its command channel (one command at a time)."""
+    """The tests/e2e/multinode.py process and its command channel (one command at a time)."""
 
     def __init__(self, bank: str, redis_url: str, log_path):
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.multinode", json.dumps({"bank": bank, "redis_url": redis_url})],
+            [sys.executable, "-m", "tests.e2e.multinode", json.dumps({"bank": bank, "redis_url": redis_url})],
             cwd=str(ROOT),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -29,14 +29,14 @@ EXAMPLES = 40
 EXCLUDED = [
     # The schema can say "a binary file", not "a NIfTI volume or a .npy array": random bytes conform to
     # the schema and are rightly refused with 400, which this check would count as a failure. The
-    # hypothesis tests in tests/test_fuzz_rest.py send real NIfTI/.npy payloads instead.
+    # hypothesis tests in tests/integration/test_fuzz_rest.py send real NIfTI/.npy payloads instead.
     positive_data_acceptance,
 ]
 _SPEC = app.openapi()["paths"]
 OPERATIONS = [f"{m.upper()} {p}" for p, item in _SPEC.items() for m in item]
 # Negative mode needs an input that can violate the schema: the routes with a request body. The GET
 # routes take no parameters and DELETE takes one free-form string, so no schema-violating request
-# exists for them (hypothesis reports Unsatisfiable); their bad paths are in tests/test_fuzz_rest.py.
+# exists for them (hypothesis reports Unsatisfiable); their bad paths are in tests/integration/test_fuzz_rest.py.
 CASES = [(op, GenerationMode.POSITIVE) for op in OPERATIONS] + [
     (f"{m.upper()} {p}", GenerationMode.NEGATIVE) for p, item in _SPEC.items() for m, o in item.items() if "requestBody" in o
 ]

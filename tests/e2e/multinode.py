@@ -1,6 +1,6 @@
 """A Ray cluster of three nodes on this host, with the VESSA Serve app on it, driven by a test.
 
-Run as `python -m tests.multinode CONFIG_JSON`: a head and two worker nodes from Ray's own multi-node
+Run as `python -m tests.e2e.multinode CONFIG_JSON`: a head and two worker nodes from Ray's own multi-node
 test harness (`ray.cluster_utils.Cluster`: separate raylets, each with its own object store and worker
 processes), then JSON commands on stdin, one a line, each answered by one stdout line starting with
 `@@ `. A separate process because the test process is already the driver of the session's one-node Ray
@@ -19,10 +19,11 @@ counters · stop_dispatchers · quit.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 import traceback
+
+from services.runtime.net import free_port
 
 # Health checks between the GCS and raylets every 0.5 s, 3 misses: a SIGKILLed raylet's node is declared
 # dead after about 2 s instead of Ray's default 30 s, so a node-loss test spends its time on recovery.
@@ -34,12 +35,6 @@ SYSTEM_CONFIG = {
 }
 WORKERS = ("worker-1", "worker-2")
 INGRESS_OPTIONS = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0, "resources": {"head": 0.01}}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reply(obj: dict) -> None:
@@ -62,8 +57,8 @@ class Host:
             head_node_args={
                 "num_cpus": 1,
                 "resources": {"head": 1},
-                "gcs_server_port": _free_port(),
-                "dashboard_agent_listen_port": _free_port(),
+                "gcs_server_port": free_port(),
+                "dashboard_agent_listen_port": free_port(),
                 "include_dashboard": False,
                 "_system_config": SYSTEM_CONFIG,
             },
@@ -75,7 +70,7 @@ class Host:
         ray.init(address=self.cluster.address, log_to_driver=False, include_dashboard=False)
         from ray import serve
 
-        self.port = _free_port()
+        self.port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port, "location": "HeadOnly"})
         self.dispatchers: dict = {}
 
@@ -96,7 +91,7 @@ class Host:
         from ray import serve
 
         from services.ingress.app import build_app
-        from tests.conftest import SERVE_TEST_ARGS
+        from tests.helpers import SERVE_TEST_ARGS
 
         app_args = {**SERVE_TEST_ARGS, "bank": self.cfg["bank"], "redis_url": self.cfg["redis_url"], **(args or {})}
         t0 = time.monotonic()

@@ -23,7 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 from services.ingress.client import parse_multipart
 from shared.wire.arrays import read_npy, write_npy
-from tests.test_fuzz_decoders import BASE_N1, nifti_bytes_st
+from tests.unit.shared.test_fuzz_decoders import BASE_N1, nifti_bytes_st
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

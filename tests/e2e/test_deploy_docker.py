@@ -11,7 +11,7 @@ which takes longer than the whole rest of the suite on 2 cores; a warm run (imag
 minutes of CPU for the demo bank and the CPU assistant. docs/deploy.md has the numbers.
 
 By hand: scripts/docker-test.sh (sets up the engine: scripts/docker-setup.sh), or
-    VESSA_DOCKER_TEST=1 .venv/bin/python -m pytest -s tests/test_deploy_docker.py
+    VESSA_DOCKER_TEST=1 .venv/bin/python -m pytest -s tests/e2e/test_deploy_docker.py
 Timings are printed and written to runs/docker-test/timings.json.
 """
 
@@ -20,16 +20,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from services.runtime.net import free_ports
+from tests.helpers import ROOT
+
 IMAGE = os.environ.get("VESSA_DOCKER_TEST_IMAGE", "vessa:cpu")
 READY_TIMEOUT_S = float(os.environ.get("VESSA_DOCKER_READY_TIMEOUT", "1500"))
 TRAIN_TIMEOUT_S = float(os.environ.get("VESSA_DOCKER_TRAIN_TIMEOUT", "1200"))
@@ -54,18 +54,6 @@ def _gate() -> None:
         pytest.skip("the docker compose plugin is missing (scripts/docker-setup.sh installs it)")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _run(cmd: list[str], env=None, check=True, timeout=None, capture=False) -> subprocess.CompletedProcess:
     print("+", " ".join(cmd), flush=True)
     return subprocess.run(
@@ -80,7 +68,7 @@ def _services_state(compose: list[str], env) -> dict[str, dict]:
     return {row["Service"]: row for row in rows}
 
 
-def _wait_ready(url: str, compose: list[str], env) -> None:
+def wait_ready(url: str, compose: list[str], env) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     last = ""
     while time.monotonic() < deadline:
@@ -101,7 +89,7 @@ def _wait_ready(url: str, compose: list[str], env) -> None:
 def _start_worker(compose: list[str], env) -> str:
     """`--profile workers`: one Ray worker container joins the head (host networking, so it gets ports
     of its own); returns its Ray node id, read by a driver inside it."""
-    agent_port, metrics_port = _free_ports(2)
+    agent_port, metrics_port = free_ports(2)
     wenv = dict(
         env,
         RAY_WORKER_ARGS=(
@@ -186,7 +174,7 @@ def test_compose_cpu_end_to_end(tmp_path):
     size = _run(["docker", "image", "inspect", "-f", "{{.Size}}", IMAGE], capture=True).stdout
     timings["image_size_mb"] = int(size.strip()) // 1_000_000
 
-    redis_port, http_port, ray_port, client_port, agent_port = _free_ports(5)
+    redis_port, http_port, ray_port, client_port, agent_port = free_ports(5)
     project = f"vessatest{os.getpid()}"
     env = dict(
         os.environ,
@@ -225,7 +213,7 @@ def test_compose_cpu_end_to_end(tmp_path):
     try:
         t_up = time.monotonic()
         _run(compose + ["up", "-d", "redis", "assistant"], env=env, timeout=600)
-        _wait_ready(url, compose, env)
+        wait_ready(url, compose, env)
         timings["up_to_ready_s"] = round(time.monotonic() - t_up, 1)
         # what is served is the Stage-1 checkpoint the entrypoint trained, on the models volume
         alog = _run(compose + ["logs", "--no-color", "assistant"], env=env, capture=True)
