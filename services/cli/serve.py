@@ -15,6 +15,8 @@ from pathlib import Path
 import typer
 import yaml
 
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[1] / "runtime" / "serve_configs" / "serve_cpu.yaml"
+
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
@@ -25,7 +27,9 @@ def register(app: typer.Typer) -> None:
 def load_serve_config(path: Path | None) -> dict:
     """The Serve config file (deploy/*.yaml) as a dict; its `vessa` application is what we deploy."""
     if path is None:
-        path = Path(__file__).resolve().parent.parent / "deploy" / "serve_cpu.yaml"
+        # packaged with the code (an installed wheel has no deploy/); deploy/serve_cpu.yaml is the same
+        # file for `serve run`, and a test keeps the two equal
+        path = DEFAULT_SERVE_CONFIG
     if not path.is_file():
         raise typer.BadParameter(f"Serve config not found: {path}")
     return yaml.safe_load(path.read_text())

@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -34,13 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.config import VessaSettings
 from shared.wire.arrays import WireError
-from shared.wire.connection import (  # noqa: F401  (re-exported: older imports name the dispatcher)
-    RedisAuthError,
-    auth_error,
-    check_credentials,
-    connect,
-    redact,
-)
+from shared.wire.connection import auth_error, connect
 from shared.wire.messages import (
     BULK_STREAM,
     DEAD_LETTER_STREAM,
@@ -484,49 +477,6 @@ async def wait_for_serve_app(
             log.info("waiting for Serve application %r (%s)", app_name, type(exc).__name__)
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, 10.0)
-
-
-def inprocess_caller(assistant, limits=None) -> AssistantCaller:
-    """Calls an in-process Assistant (benchmarks, and GPU runs where Ray does not fit)."""
-    from assistant_server.call_handler import serve_calls
-    from shared.wire.protocol import dumps
-
-    lock = asyncio.Lock()
-
-    async def call(meta: bytes, blobs: list[bytes]) -> tuple[bytes, list[bytes]]:
-        async with lock:
-            ((reply, out),) = await asyncio.to_thread(serve_calls, assistant, [(meta, blobs)], limits)
-        return dumps(reply), out
-
-    return call
-
-
-async def run_dispatcher(settings: DispatcherSettings, caller: AssistantCaller | None = None) -> Dispatcher:
-    """Run until SIGINT/SIGTERM; connects to Ray and the Serve app unless a caller is given."""
-    await check_credentials(settings.redis_url)  # before Ray: a wrong password fails fast and clean
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    if caller is None:
-        import ray
-
-        ray.init(address=settings.ray_address, ignore_reinit_error=True, log_to_driver=False)
-        for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installs its own handlers: ours again
-            loop.add_signal_handler(sig, stop.set)
-        caller = await wait_for_serve_app(settings.app_name, settings.deployment, stop)
-    d = Dispatcher(settings, caller)  # type: ignore[arg-type]
-    if caller is None:  # stopped before the assistant appeared
-        return d
-    d._stop = stop
-    log.info(
-        "dispatcher %s reading %s as group %s", settings.consumer, settings.request_stream, settings.group
-    )
-    await d.run()
-    return d
 
 
 class DispatcherActor:

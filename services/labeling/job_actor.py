@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 import redis
 
-from shared.jobs import FINAL, JobState, cancel_requested, load_job, save_job
+from shared.jobs import FINAL, cancel_requested, load_job, save_job
 
 log = logging.getLogger("vessa.label.job")
 NAMESPACE = "vessa-jobs"
@@ -125,21 +125,3 @@ def launch(job_id: str, redis_url: str) -> None:
     LabelJobActor.options(
         name=actor_name(job_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
     ).remote(job_id, redis_url)
-
-
-def kill_runner(job_id: str) -> bool:
-    """Kill a job's runner without restart (tests and operators); False when there is none."""
-    try:
-        actor = ray.get_actor(actor_name(job_id), namespace=NAMESPACE)
-    except ValueError:
-        return False
-    ray.kill(actor, no_restart=True)
-    return True
-
-
-def current_state(redis_url: str, job_id: str) -> JobState | None:
-    r = redis.Redis.from_url(redis_url)
-    try:
-        return load_job(r, job_id)
-    finally:
-        r.close()

@@ -7,7 +7,6 @@ so the replica decodes and validates every payload itself with the same code, wh
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 import numpy as np
@@ -187,11 +186,3 @@ def _short(exc: ValidationError) -> str:
 
 def dumps(model: BaseModel) -> bytes:
     return model.model_dump_json(exclude_none=False).encode()
-
-
-def loads_reply(meta: bytes | str | dict) -> AssistReply:
-    if isinstance(meta, dict):
-        return AssistReply.model_validate(meta)
-    if isinstance(meta, bytes):
-        meta = meta.decode()
-    return AssistReply.model_validate(json.loads(meta))

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import redis
 
-from services.dispatch.dispatcher import RedisAuthError
 from services.runtime.redis_server import EmbeddedRedis, find_redis_server, free_port
+from shared.wire.connection import RedisAuthError
 from shared.wire.messages import result_stream
 from shared.wire.stream_client import AsyncStreamClient
 from tests.helpers import start_dispatcher

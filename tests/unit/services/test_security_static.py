@@ -151,7 +151,7 @@ def test_bearer_token_compare_is_constant_time():
 
 
 def test_redis_urls_are_redacted():
-    from services.dispatch.dispatcher import auth_error, redact
+    from shared.wire.connection import auth_error, redact
 
     assert redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
     assert redact("rediss://vessa:s3cret@h:6380/0?ssl_ca_certs=/x") == "rediss://vessa:***@h:6380/0?ssl_ca_certs=/x"

@@ -126,3 +126,12 @@ def test_signal_while_waiting_for_replicas_stops_cleanly(tiny_bank, tmp_path, si
     assert rc == 0, out[-3000:]
     assert "stopping before the application was ready" in out, out[-3000:]
     assert "Traceback" not in out and "Stack trace" not in out and "*** SIG" not in out, out[-3000:]
+
+
+def test_the_packaged_default_serve_config_is_deploy_s():
+    """`vessa serve` without --config reads the copy inside the package (an installed wheel has no
+    deploy/); it must stay the file `serve run deploy/serve_cpu.yaml` uses."""
+    from services.cli.serve import DEFAULT_SERVE_CONFIG, load_serve_config
+
+    assert DEFAULT_SERVE_CONFIG.read_bytes() == CPU_CONFIG.read_bytes()
+    assert load_serve_config(None) == load_serve_config(CPU_CONFIG)
