@@ -43,7 +43,8 @@ async def bench(args) -> dict:
     from ray import serve
 
     from assistant_server.bank_builder import build_bank
-    from services.dispatch.dispatcher import Dispatcher, DispatcherSettings, serve_handle_caller
+    from services.dispatch.dispatcher import Dispatcher, DispatcherSettings
+    from services.dispatch.launch import serve_handle_caller
     from services.ingress.app import all_cores_runtime_env, build_app
     from services.labeling.runner import LabelRunner
     from services.runtime.redis_server import EmbeddedRedis, free_port

@@ -94,7 +94,8 @@ def instant_deployment():
 # ---------------------------------------------------------------------------------------------- roles
 def run_inprocess_dispatcher(redis_url: str, consumer: str) -> None:
     """`--role dispatcher`: a dispatcher whose caller answers at once, without Ray."""
-    from services.dispatch.dispatcher import DispatcherSettings, run_dispatcher
+    from services.dispatch.dispatcher import DispatcherSettings
+    from services.dispatch.launch import run_dispatcher
 
     spec, blob = _label_blob()
 

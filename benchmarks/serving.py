@@ -95,7 +95,8 @@ async def bench(args) -> list[dict]:
     from ray import serve
 
     from assistant_server.assistant import Assistant, SliceInput
-    from services.dispatch.dispatcher import Dispatcher, DispatcherSettings, serve_handle_caller
+    from services.dispatch.dispatcher import Dispatcher, DispatcherSettings
+    from services.dispatch.launch import serve_handle_caller
     from services.ingress.app import all_cores_runtime_env, build_app
     from services.ingress.uploads import nifti_bytes
     from services.runtime.redis_server import EmbeddedRedis, free_port

@@ -252,7 +252,8 @@ def dispatcher_cmd(
     ),
 ):
     """Move requests from the Redis stream to the assistant (DeploymentHandle) and results back."""
-    from services.dispatch.dispatcher import DispatcherSettings, run_dispatcher
+    from services.dispatch.dispatcher import DispatcherSettings
+    from services.dispatch.launch import run_dispatcher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = {

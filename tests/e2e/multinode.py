@@ -136,7 +136,7 @@ class Host:
     def start_dispatchers(self, names: dict, settings: dict) -> dict:
         import ray
 
-        from services.dispatch.dispatcher import DispatcherActor
+        from services.dispatch.launch import DispatcherActor
 
         actor_cls = ray.remote(DispatcherActor)
         out = {}

@@ -197,7 +197,7 @@ def test_trainer_killed_and_replaced_no_loss_no_double_apply(serve_app, redis_se
 # ---------------------------------------------------------------------------------------------- Redis full
 async def _assist_once(images: list[np.ndarray]) -> None:
     """One call of the shared app's assistant as the dispatcher makes it (templates only, all classes)."""
-    from services.dispatch.dispatcher import serve_handle_caller
+    from services.dispatch.launch import serve_handle_caller
     from shared.wire.protocol import AssistReply, encode_call
 
     call, blobs = encode_call(images)
