@@ -1,6 +1,7 @@
 """The assistant: one inference entry point, used by the replicas, the dispatcher, tests and benchmarks.
 
 - `core.Assistant`: slices → label maps and confidences (encoder once per slice, batched decoder)
+- `prompted`: prompt-to-mask for one image and class (the user's points, box or mask)
 - `volumes`: a volume as one piece (neighbour-blended refinement, volume templates, 3D cleaning)
 - `bank_state`: the bank's keys and label grids on the device, per bank version
 - `answer_cache`: remembered templates-only answers
