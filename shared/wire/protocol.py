@@ -1,7 +1,7 @@
 """The assistant call: what a REST ingress or the Redis dispatcher sends to an assistant replica.
 
 A call is a JSON-able `AssistCall` plus a list of binary parts (the arrays, see shared.wire.arrays). The same
-pair travels inside a Redis stream entry (services/streams.py) and through a Serve DeploymentHandle,
+pair travels inside a Redis stream entry (shared/wire/messages.py) and through a Serve DeploymentHandle,
 so the replica decodes and validates every payload itself with the same code, whoever sent it.
 """
 
