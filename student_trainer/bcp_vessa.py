@@ -10,8 +10,10 @@ Per self-training step t (global step numbers; `start_step` is the first self-tr
    It then takes step t's answer (waiting at most `vessa.timeout_s`) or None (fallback, counted).
 2. The trainer augments the canonical slices (random geometric + params), the teacher labels the
    augmented slices (BCP: argmax + largest connected component).
-3. `VessaPseudoLabeler.fuse(...)` gives the assistant's label map the same geometric transform
-   (nearest) and fuses it with the teacher's label into (label, pixel weight) for BCP's loss.
+3. `VessaPseudoLabeler.answer(...)` puts step t's answer on the device (`fusion.AssistantAnswer`);
+   the `bcp_vessa` method (`student_trainer.methods.bcp_vessa`) gives the assistant's label map the
+   same geometric transform (nearest) and fuses it with the teacher's label into (label, pixel
+   weight) for BCP's loss.
 
 Exact link call pattern: `link.submit(PseudoLabelRequest(keys, images (B,S,S) float32 [0,1],
 student_probs (B,C,S,S) float32 | None)) -> id` once per planned step, from the training thread, up to
@@ -32,7 +34,7 @@ import torch
 from student_trainer.assistant_link import AssistantLink, PseudoLabelRequest, PseudoLabelResult
 from student_trainer.config import AssistantSettings
 from student_trainer.data import to_device
-from student_trainer.fusion import FusedPseudoLabel, fuse_pseudo_labels
+from student_trainer.fusion import AssistantAnswer
 from student_trainer.prefetch import PseudoLabelPrefetcher
 
 log = logging.getLogger(__name__)
@@ -110,38 +112,19 @@ class VessaPseudoLabeler:
         result, entry = self.prefetcher.take(step)
         return entry.indices, result
 
-    def fuse(
-        self,
-        result: PseudoLabelResult | None,
-        teacher_label: torch.Tensor,
-        teacher_probs: torch.Tensor,
-        geometric: Callable[[torch.Tensor], torch.Tensor],
-    ) -> FusedPseudoLabel:
-        """teacher_label (B, H, W), teacher_probs (B, C, H, W) on the augmented slices; `geometric` maps
-        a canonical label batch (B, H, W) to the augmented pose (nearest)."""
-        device = teacher_label.device
-        b = teacher_label.shape[0]
+    def answer(self, result: PseudoLabelResult | None, batch: int, device: torch.device) -> AssistantAnswer:
+        """A step's answer on the device: canonical labels (B, S, S) int64 and confidence (B, C), or,
+        with no answer (fallback), no labels, zero confidence and nothing available."""
         if result is None:
-            available = torch.zeros(b, dtype=torch.bool, device=device)
-            a_label = teacher_label
-            a_conf = torch.zeros(b, self.num_classes, device=device)
-        else:
-            available = torch.ones(b, dtype=torch.bool, device=device)
-            canonical = to_device(torch.from_numpy(np.asarray(result.labels, dtype=np.int64)), device)
-            a_label = geometric(canonical).long()
-            a_conf = to_device(torch.from_numpy(np.asarray(result.confidence, dtype=np.float32)), device)
-        f = self.cfg.fusion
-        return fuse_pseudo_labels(
-            teacher_label,
-            teacher_probs.max(dim=1).values,
-            a_label,
-            a_conf,
-            available,
-            mode=f.mode,
-            tau=f.tau,
-            teacher_tau=f.teacher_tau,
-            w_dis=f.w_dis,
-            background_overrides=f.background_overrides,
+            return AssistantAnswer(
+                labels=None,
+                confidence=torch.zeros(batch, self.num_classes, device=device),
+                available=torch.zeros(batch, dtype=torch.bool, device=device),
+            )
+        return AssistantAnswer(
+            labels=to_device(torch.from_numpy(np.asarray(result.labels, dtype=np.int64)), device),
+            confidence=to_device(torch.from_numpy(np.asarray(result.confidence, dtype=np.float32)), device),
+            available=torch.ones(batch, dtype=torch.bool, device=device),
         )
 
     def summary(self) -> dict[str, float]:

@@ -122,6 +122,7 @@ def bench_method(
     step: str = "eager",
     cuda_graph: bool = True,
 ) -> dict[str, Any]:
+    from student_trainer.methods import get_method as trainer_method
     from student_trainer.train import Trainer
 
     method = "bcp" if name == "bcp_pretrain" else name
@@ -145,7 +146,7 @@ def bench_method(
     }
     cfg = load_settings(TrainSettings, None, **overrides)
     link = None
-    if method == "bcp_vessa":
+    if trainer_method(method).uses_assistant:
         link = LoopbackLink() if assistant == "loopback" else _inprocess_link(data, device, assistant_encoder)
     trainer = Trainer(cfg, link=link)
     dev = trainer.device

@@ -13,12 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.config import VessaSettings
 from student_trainer.fusion import FusionMode
-
-Method = Literal["supervised", "mean_teacher", "bcp", "bcp_vessa"]
 
 
 class _Section(BaseModel):
@@ -125,8 +123,8 @@ class AssistantSettings(_Section):
 class StepSettings(_Section):
     """How a training step runs (`student_trainer.static_step`). eager: the reference loop; graph: the
     graph-ready step (draws on the device, static shapes, no host sync; captured as one CUDA graph per
-    phase on CUDA when cuda_graph is on, the same code run eagerly elsewhere). graph supports supervised,
-    bcp and bcp_vessa."""
+    phase on CUDA when cuda_graph is on, the same code run eagerly elsewhere). graph runs the methods
+    marked `graph_ready` (`student_trainer.methods`): all but mean_teacher."""
 
     mode: Literal["eager", "graph"] = "eager"
     cuda_graph: bool = Field(True, description="capture the graph-ready step on CUDA (ignored elsewhere)")
@@ -147,7 +145,7 @@ class StepSettings(_Section):
 class TrainSettings(VessaSettings):
     """`vessa train` settings. See `configs/train/*.yaml` for the recipes."""
 
-    method: Method = "bcp"
+    method: str = Field("bcp", description="the training method, by name (student_trainer.methods.METHODS)")
     seed: int = 1337
     out_dir: Path = Path("runs/train")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -179,16 +177,24 @@ class TrainSettings(VessaSettings):
     vessa: AssistantSettings = AssistantSettings()
     step: StepSettings = StepSettings()
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from student_trainer.methods import get_method  # here: the methods import these settings
+
+        get_method(name)
+        return name
+
     @model_validator(mode="after")
-    def _check_batches(self) -> TrainSettings:
-        if self.step.mode == "graph" and self.method == "mean_teacher":
-            raise ValueError("step.mode=graph supports supervised, bcp and bcp_vessa, not mean_teacher")
-        if self.method != "supervised":
-            if not 0 < self.labeled_bs < self.batch_size:
-                raise ValueError("labeled_bs must be in (0, batch_size) for semi-supervised methods")
-        if self.method in ("bcp", "bcp_vessa"):
-            if self.labeled_bs % 2 or self.batch_size != 2 * self.labeled_bs:
-                raise ValueError("BCP pairs labeled and unlabeled halves: batch_size = 2 * labeled_bs, even")
+    def _check_method(self) -> TrainSettings:
+        from student_trainer.methods import get_method, graph_ready_methods
+
+        method = get_method(self.method)
+        if self.step.mode == "graph" and not method.graph_ready:
+            raise ValueError(
+                f"step.mode=graph supports {', '.join(graph_ready_methods())}, not {self.method}"
+            )
+        method.check_settings(self)
         return self
 
 

@@ -43,6 +43,18 @@ FusionMode = Literal["teacher", "assistant", "agree_confidence", "assistant_conf
 FUSION_MODES: tuple[str, ...] = ("teacher", "assistant", "agree_confidence", "assistant_confident")
 
 
+@dataclass(frozen=True)
+class AssistantAnswer:
+    """The assistant's answer for a batch of B unlabeled slices, on the training device: labels
+    (B, S, S) integer in the canonical (un-augmented) pose, or None when there is no label map at all
+    (the teacher's label stands in); confidence (B, C) float32; available (B,) bool, False where the
+    slice got no answer (late, missing, invalid)."""
+
+    labels: torch.Tensor | None
+    confidence: torch.Tensor
+    available: torch.Tensor
+
+
 @dataclass
 class FusedPseudoLabel:
     """label (B, H, W) int64; weight (B, H, W) float32; stats: scalar tensors (not synced to the host:

@@ -23,6 +23,9 @@ captured once per phase after a few eager warm-up steps and replayed; elsewhere 
 eagerly. `StaticStep.run(static=False)` is the eager reference: the same draws, with the trainer's
 torch.optim.SGD, the converging cleaning (`bcp.lcc_backend`) and host-side scalars, so a test can hold
 the two to the same losses.
+
+The losses and teacher updates are the training method's (`student_trainer.methods`), the same code
+the eager step calls; this module supplies their inputs (`DeviceInputs`) and runs the update.
 """
 
 from __future__ import annotations
@@ -35,17 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.components import largest_cc_fixed
+from shared.components import largest_cc_fixed, largest_connected_component
 from student_trainer import bcp as bcp_lib
 from student_trainer.assistant_link import AssistantLink, PseudoLabelRequest
-from student_trainer.ema import update_ema_state
-from student_trainer.fusion import fuse_pseudo_labels
-from student_trainer.inference import resize_labels
-from student_trainer.supervised import supervised_loss
+from student_trainer.fusion import AssistantAnswer
+from student_trainer.methods import StepInputs, UnlabeledDraw, graph_ready_methods
 
 log = logging.getLogger(__name__)
-
-GRAPH_METHODS = ("supervised", "bcp", "bcp_vessa")
 
 
 class DeviceIndexStream:
@@ -178,6 +177,65 @@ def sgd_foreach(
     torch._foreach_sub_(params, torch._foreach_mul(bufs, lr))
 
 
+class DeviceInputs(StepInputs):
+    """A training method's inputs in the graph-ready step: indices from the device index streams,
+    BCP's box and the augmentations from the device generator, the assistant's answers from the table,
+    and (static=True) the fixed-round connected-component cleaning, whose misses are counted on the
+    device; static=False is the eager reference's converging cleaning."""
+
+    def __init__(self, step: StaticStep, static: bool) -> None:
+        t = step.t
+        super().__init__(t.data, t.augmenter, t.gen_dev)
+        self.step = step
+        self.static = static
+
+    @property
+    def student(self) -> torch.nn.Module:
+        return self.step.t.model
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        return self.step.t.teacher
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        t = self.step.t
+        if t.amp and t.device.type == "cuda":  # no autocast weight cache: it does not survive capture
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16, cache_enabled=False)
+        return contextlib.nullcontext()
+
+    def labeled_indices(self, n: int) -> torch.Tensor:
+        stream = self.step.labeled
+        assert n == stream.k, "the labeled stream was sized by the method's labeled_per_step()"
+        return stream.take()
+
+    def unlabeled(self, n: int) -> UnlabeledDraw:
+        stream = self.step.unlabeled
+        assert stream is not None and n == stream.k, "the unlabeled stream was sized by the method"
+        idx = stream.take()
+        table = self.step.table
+        if table is None:
+            return UnlabeledDraw(idx)
+        answer = AssistantAnswer(
+            labels=table.labels.index_select(0, idx),
+            confidence=table.confidence.index_select(0, idx),
+            available=table.available.index_select(0, idx),
+        )
+        return UnlabeledDraw(idx, answer)
+
+    def box_mask(self, ratio: float) -> torch.Tensor:
+        t = self.step.t
+        s = t.cfg.data.image_size
+        return bcp_lib.box_mask(s, s, ratio, t.gen_dev, t.device)
+
+    def clean(self, label: torch.Tensor) -> torch.Tensor:
+        t = self.step.t
+        if not self.static:
+            return largest_connected_component(label, t.num_classes, t.cfg.bcp.lcc_backend)
+        out, converged = largest_cc_fixed(label, t.num_classes, t.cfg.step.lcc_rounds)
+        self.step.lcc_unconverged.add_((~converged).long())
+        return out
+
+
 class StaticStep:
     """The graph-ready step for one `Trainer` (see the module docstring). Owns the device index streams,
     the device learning rate, the momentum buffers (shared with the trainer's torch SGD state, so
@@ -186,22 +244,22 @@ class StaticStep:
     def __init__(self, trainer: Any, link: AssistantLink | None = None) -> None:
         self.t = trainer
         cfg = trainer.cfg
-        if cfg.method not in GRAPH_METHODS:
-            raise ValueError(f"step.mode=graph supports {GRAPH_METHODS}, not {cfg.method!r}")
+        method = trainer.method
+        if not method.graph_ready:
+            raise ValueError(f"step.mode=graph supports {graph_ready_methods()}, not {cfg.method!r}")
         dev = trainer.device
         gen = trainer.gen_dev
-        n_l = cfg.batch_size if cfg.method == "supervised" else cfg.labeled_bs
-        self.labeled = DeviceIndexStream(trainer.data.num_labeled, n_l, gen, dev)
+        self.labeled = DeviceIndexStream(trainer.data.num_labeled, method.labeled_per_step(), gen, dev)
         self.unlabeled = (
-            DeviceIndexStream(max(trainer.data.num_unlabeled, 1), cfg.batch_size - cfg.labeled_bs, gen, dev)
-            if cfg.method != "supervised"
+            DeviceIndexStream(max(trainer.data.num_unlabeled, 1), method.unlabeled_per_step(), gen, dev)
+            if method.uses_unlabeled
             else None
         )
         self.lr = torch.full((), cfg.optim.lr, dtype=torch.float32, device=dev)
         self.lcc_unconverged = torch.zeros((), dtype=torch.int64, device=dev)
         self.link = link
         self.table: AssistantTable | None = None
-        if cfg.method == "bcp_vessa":
+        if method.uses_assistant:
             s = trainer.data.unlabeled_host.shape[-2:]
             self.table = AssistantTable(
                 max(trainer.data.num_unlabeled, 1), (int(s[0]), int(s[1])), trainer.num_classes, dev
@@ -211,22 +269,10 @@ class StaticStep:
         self.eager_steps: dict[str, int] = {}
         self.last_refresh = -1
         self.eager_reference = False  # tests: run() defaults to the eager reference
+        # the method's inputs, by `static`: fixed-round cleaning (graph-ready) or converging (reference)
+        self.inputs = {True: DeviceInputs(self, static=True), False: DeviceInputs(self, static=False)}
 
     # -- pieces ---------------------------------------------------------------------------------------
-    def _autocast(self):
-        t = self.t
-        if t.amp and t.device.type == "cuda":  # no autocast weight cache: it does not survive capture
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16, cache_enabled=False)
-        return contextlib.nullcontext()
-
-    def _labeled_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.t.data
-        idx = self.labeled.take()
-        images, labels, _ = self.t.augmenter(
-            d.labeled_images.index_select(0, idx), d.labeled_labels.index_select(0, idx)
-        )
-        return images, labels.long()
-
     def _momentum_buffers(self) -> list[torch.Tensor]:
         """The torch SGD state's momentum buffers, created as zeros where missing (before the first
         step, or after a load that had none), so both paths update the same tensors."""
@@ -242,78 +288,13 @@ class StaticStep:
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.t.optimizer.param_groups for p in g["params"]]
 
-    def _clean(self, label: torch.Tensor, static: bool) -> torch.Tensor:
-        t = self.t
-        if not t.cfg.bcp.lcc:
-            return label
-        if not static:
-            return bcp_lib.largest_connected_component(label, t.num_classes, t.cfg.bcp.lcc_backend)
-        out, converged = largest_cc_fixed(label, t.num_classes, t.cfg.step.lcc_rounds)
-        self.lcc_unconverged.add_((~converged).long())
-        return out
-
-    def _losses(self, phase: str, static: bool) -> dict[str, torch.Tensor]:
-        t, cfg = self.t, self.t.cfg
-        model = t.model
-        if cfg.method == "supervised":
-            images, labels = self._labeled_batch()
-            with self._autocast():
-                return supervised_loss(model, images, labels)
-        s = cfg.data.image_size
-        mask = bcp_lib.box_mask(s, s, cfg.bcp.box_ratio, t.gen_dev, t.device)
-        if phase == "pretrain":
-            images_l, labels_l = self._labeled_batch()
-            with self._autocast():
-                return bcp_lib.bcp_pretrain_loss(model, images_l, labels_l, mask)
-        assert self.unlabeled is not None and t.teacher is not None
-        u_idx = self.unlabeled.take()
-        images_l, labels_l = self._labeled_batch()
-        images_u, _, params_u = t.augmenter(t.data.unlabeled_images.index_select(0, u_idx))
-        half = images_u.shape[0] // 2
-        with self._autocast():
-            probs = torch.cat(
-                [
-                    bcp_lib.teacher_predict(t.teacher, images_u[:half], cfg.bcp.teacher_train_mode),
-                    bcp_lib.teacher_predict(t.teacher, images_u[half:], cfg.bcp.teacher_train_mode),
-                ]
-            )
-        plabel = self._clean(probs.argmax(dim=1), static)
-        weight = None
-        extra: dict[str, torch.Tensor] = {}
-        if self.table is not None:
-            a_lab = resize_labels(self.table.labels.index_select(0, u_idx), s)
-            a_lab = t.augmenter.apply_geometric(a_lab, params_u, "nearest").long()
-            f = cfg.vessa.fusion
-            fused = fuse_pseudo_labels(
-                plabel,
-                probs.max(dim=1).values,
-                a_lab,
-                self.table.confidence.index_select(0, u_idx),
-                self.table.available.index_select(0, u_idx),
-                mode=f.mode,
-                tau=f.tau,
-                teacher_tau=f.teacher_tau,
-                w_dis=f.w_dis,
-                background_overrides=f.background_overrides,
-            )
-            plabel, weight = fused.label, fused.weight
-            if f.lcc_after:
-                plabel = self._clean(plabel, static)
-            extra = {f"vessa_{k}": v for k, v in fused.stats.items()}
-        with self._autocast():
-            losses = bcp_lib.bcp_self_train_loss(
-                model, images_l, labels_l, images_u, plabel, mask, cfg.bcp.u_weight, weight
-            )
-        losses.update(extra)
-        return losses
-
-    def _body(self, phase: str, static: bool, lr: float) -> dict[str, torch.Tensor]:
+    def _body(self, phase: str, phase_step: int, static: bool, lr: float) -> dict[str, torch.Tensor]:
         """Losses, backward, update, EMA: the part a graph captures (with static=True)."""
         t, o = self.t, self.t.cfg.optim
         if static:
             for p in self._params():
                 p.grad = None  # backward writes fresh gradients (under capture: from the graph's pool)
-        losses = self._losses(phase, static)
+        losses = t.method.loss(self.inputs[static], phase, phase_step)
         if static:
             losses["loss"].backward()
             params = self._params()
@@ -331,14 +312,14 @@ class StaticStep:
             for g in t.optimizer.param_groups:
                 g["lr"] = lr
             t.optimizer.step()
-        if phase == "train" and t.cfg.method in ("bcp", "bcp_vessa"):
-            update_ema_state(t.teacher, t.model, t.cfg.bcp.ema_decay)
+        t.method.update_teacher(t.model, t.teacher, phase, phase_step)
         return losses
 
     # -- the assistant table ------------------------------------------------------------------------
     def fill_table(self, phase_step: int) -> None:
         """Before self-training (templates only), then every `assistant_refresh_every` steps past
-        `vessa.warmup_iters` (teacher prompts). Outside the captured step; replaces values in place."""
+        `vessa.warmup_iters` (teacher prompts). Outside the captured step (the `bcp_vessa` method calls
+        it before each self-training step); replaces values in place."""
         t = self.t
         if self.table is None or self.link is None or t.data.num_unlabeled == 0:
             return
@@ -378,11 +359,10 @@ class StaticStep:
         self, phase: str, phase_step: int, lr: float, static: bool | None = None
     ) -> dict[str, torch.Tensor]:
         """One step of `phase` at learning rate `lr`. static=False: the eager reference (see module);
-        None: the graph-ready step unless `eager_reference` is set."""
+        None: the graph-ready step unless `eager_reference` is set. The method's `before_step` hook has
+        run (the trainer calls it)."""
         t = self.t
         static = (not self.eager_reference) if static is None else static
-        if phase == "train":
-            self.fill_table(phase_step)
         self.labeled.before_step()
         if phase == "train" and self.unlabeled is not None:
             self.unlabeled.before_step()
@@ -391,7 +371,7 @@ class StaticStep:
             t.teacher.train()
         t.model.train()
         if not (static and self.capture):
-            return self._body(phase, static, lr)
+            return self._body(phase, phase_step, static, lr)
         if phase in self.graphs:
             graph, out = self.graphs[phase]
             graph.replay()
@@ -404,12 +384,12 @@ class StaticStep:
             side = torch.cuda.Stream(t.device)
             side.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(side):
-                out = self._body(phase, static, lr)
+                out = self._body(phase, phase_step, static, lr)
             torch.cuda.current_stream(t.device).wait_stream(side)
             return out
-        return self._capture(phase, lr)
+        return self._capture(phase, phase_step, lr)
 
-    def _capture(self, phase: str, lr: float) -> dict[str, torch.Tensor]:
+    def _capture(self, phase: str, phase_step: int, lr: float) -> dict[str, torch.Tensor]:
         t = self.t
         graph = torch.cuda.CUDAGraph()
         register = getattr(graph, "register_generator_state", None)
@@ -418,7 +398,7 @@ class StaticStep:
         # capture records kernels without running them (the cursors do not move); the replay below is
         # this step itself
         with torch.cuda.graph(graph):
-            out = self._body(phase, True, lr)
+            out = self._body(phase, phase_step, True, lr)
         self.graphs[phase] = (graph, out)
         log.info("captured the %s step as a CUDA graph", phase)
         graph.replay()

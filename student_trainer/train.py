@@ -1,15 +1,18 @@
 """`vessa train`: the Stage-2 student trainer (supervised | mean_teacher | bcp | bcp_vessa).
 
-One loop for every method. The data sit in memory as tensors on the training device (loaded once,
-resized to `data.image_size`); batches are drawn by index and augmented on the device. A step:
-draw indices -> augment -> method loss -> SGD step -> EMA update (teacher methods). Every `val_every`
+One loop for every method; what differs between methods (batches, phases, loss, teacher) is the
+method's strategy class (`student_trainer.methods`), looked up once from `cfg.method`. The data sit in
+memory as tensors on the training device (loaded once, resized to `data.image_size`); batches are drawn
+by index and augmented on the device. A step: draw indices -> augment -> method loss -> SGD step ->
+teacher update (teacher methods). Every `val_every`
 iterations of a phase (and at its end) the student is validated on the validation volumes (3D metrics,
 slice-wise 2D inference); the best checkpoint by mean foreground Dice is kept (`best.pt`; for BCP's
 pre-training phase `best_pretrain.pt`), `latest.pt` every `save_every` iterations and at the end, each
 with the resolved config next to it. `resume=True` continues from `latest.pt` at its step.
 
-Phases: supervised and mean_teacher have one (`train`, max_iters); bcp and bcp_vessa have `pretrain`
-(bcp.pretrain_iters) then `train` (max_iters). Steps are numbered globally across phases.
+Phases (`TrainingMethod.phases`): supervised and mean_teacher have one (`train`, max_iters); bcp and
+bcp_vessa have `pretrain` (bcp.pretrain_iters) then `train` (max_iters). Steps are numbered globally
+across phases.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import math
 import random
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.components import largest_connected_component
 from shared.config import save_resolved
 from student_trainer import bcp as bcp_lib
 from student_trainer.assistant_link import AssistantLink
@@ -34,12 +39,11 @@ from student_trainer.bcp_vessa import VessaPseudoLabeler, build_link
 from student_trainer.checkpoint import FORMAT, KIND, atomic_save, classes_to_list, load_checkpoint
 from student_trainer.config import TrainSettings
 from student_trainer.data import Augmenter, IndexSampler, TrainingData, load_training_data, to_device
-from student_trainer.ema import make_teacher, update_ema_params, update_ema_state
+from student_trainer.ema import make_teacher
 from student_trainer.evaluate import ValidationSet, load_validation_set, validate
-from student_trainer.inference import autocast_for, resize_images, resize_labels, resolve_device
-from student_trainer.mean_teacher import mean_teacher_loss
+from student_trainer.inference import autocast_for, resize_images, resolve_device
+from student_trainer.methods import StepInputs, TrainingMethod, UnlabeledDraw, get_method
 from student_trainer.static_step import StaticStep
-from student_trainer.supervised import supervised_loss
 from student_trainer.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -56,13 +60,10 @@ class Phase:
         return self.start + self.length
 
 
-def make_phases(cfg: TrainSettings) -> list[Phase]:
-    lengths: list[tuple[str, int]] = []
-    if cfg.method in ("bcp", "bcp_vessa") and cfg.bcp.pretrain_iters > 0:
-        lengths.append(("pretrain", cfg.bcp.pretrain_iters))
-    lengths.append(("train", cfg.max_iters))
+def make_phases(method: TrainingMethod) -> list[Phase]:
+    """The method's phases with their global step ranges."""
     phases, start = [], 0
-    for name, n in lengths:
+    for name, n in method.phases():
         phases.append(Phase(name, start, n))
         start += n
     return phases
@@ -75,6 +76,47 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
 
 def _gen_state(gen: torch.Generator) -> torch.Tensor:
     return gen.get_state().clone()
+
+
+class EagerInputs(StepInputs):
+    """A training method's inputs in the eager step: indices from the host samplers (bcp_vessa: the
+    prefetcher's planned batch, with the assistant's answer), BCP's box on the host generator (no device
+    sync), the converging cleaning (`bcp.lcc_backend`), and the (optionally compiled) forwards."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        super().__init__(trainer.data, trainer.augmenter, trainer.gen_dev)
+        self.t = trainer
+
+    @property
+    def student(self) -> nn.Module:
+        return self.t._net(self.t.model)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return None if self.t.teacher is None else self.t._net(self.t.teacher)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return autocast_for(self.t.device, self.t.amp)
+
+    def _on_device(self, indices: list[int]) -> torch.Tensor:
+        return to_device(torch.as_tensor(indices), self.t.device)
+
+    def labeled_indices(self, n: int) -> torch.Tensor:
+        return self._on_device(self.t.labeled_sampler.next(n))
+
+    def unlabeled(self, n: int) -> UnlabeledDraw:
+        t = self.t
+        if t.vessa is None:
+            return UnlabeledDraw(self._on_device(t.unlabeled_sampler.next(n)))
+        indices, result = t.vessa.batch(t.step)
+        return UnlabeledDraw(self._on_device(indices), t.vessa.answer(result, len(indices), t.device))
+
+    def box_mask(self, ratio: float) -> torch.Tensor:
+        s = self.t.cfg.data.image_size
+        return to_device(bcp_lib.box_mask(s, s, ratio, self.t.gen_host), self.t.device)
+
+    def clean(self, label: torch.Tensor) -> torch.Tensor:
+        return largest_connected_component(label, self.t.num_classes, self.t.cfg.bcp.lcc_backend)
 
 
 class Trainer:
@@ -92,16 +134,18 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._seed_everything(cfg.seed)
         self.amp = cfg.amp and self.device.type == "cuda"
+        self.method: TrainingMethod = get_method(cfg.method)(cfg)
+        method = self.method
 
-        need_unlabeled = cfg.method != "supervised"
         t0 = time.perf_counter()
         self.data: TrainingData = load_training_data(
             cfg.data.root,
             cfg.data.n_labeled,
             cfg.data.image_size,
             self.device,
-            need_unlabeled,
-            host_size=cfg.vessa.canonical_size if cfg.method == "bcp_vessa" else None,
+            method.uses_unlabeled,
+            # the assistant is asked on canonical host slices
+            host_size=cfg.vessa.canonical_size if method.uses_assistant else None,
         )
         self.val: ValidationSet = load_validation_set(
             cfg.data.root, cfg.data.val_split, cfg.data.max_val_volumes
@@ -120,9 +164,7 @@ class Trainer:
         self.model = UNet(1, self.num_classes, cfg.model.upsampling).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.teacher: nn.Module | None = None
-        if cfg.method == "mean_teacher":
-            self.teacher = make_teacher(self.model)
+        self.teacher: nn.Module | None = method.initial_teacher(self.model)
         self.optimizer = self._make_optimizer()
         self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}
 
@@ -133,7 +175,7 @@ class Trainer:
         self.unlabeled_sampler = IndexSampler(max(self.data.num_unlabeled, 1), cfg.seed + 4)
         self.augmenter = Augmenter(cfg.augment, self.gen_dev)
 
-        self.phases = make_phases(cfg)
+        self.phases = make_phases(method)
         self.total_steps = self.phases[-1].end
         self.step = 0
         self.best = {"pretrain": -1.0, "train": -1.0}
@@ -141,14 +183,16 @@ class Trainer:
 
         self.vessa: VessaPseudoLabeler | None = None
         self.static: StaticStep | None = None
-        if cfg.method == "bcp_vessa":
+        if method.uses_assistant:
             link = link if link is not None else build_link(cfg.vessa)
             if link is None:
-                log.warning("bcp_vessa without an assistant link: every batch falls back to the teacher")
+                log.warning(
+                    "%s without an assistant link: every batch falls back to the teacher", method.name
+                )
         if cfg.step.mode == "graph":
             # the graph-ready step asks the assistant through a table, not the per-step prefetcher
             self.static = StaticStep(self, link)
-        elif cfg.method == "bcp_vessa":
+        elif method.uses_assistant:
             self.vessa = VessaPseudoLabeler(
                 link,
                 cfg.vessa,
@@ -159,6 +203,7 @@ class Trainer:
                 prompt_probs=self._prompt_probs,
                 start_step=self.phases[-1].start,
             )
+        self._inputs = EagerInputs(self)
         self.writer = None
         self.loss_log: list[tuple[int, str, float]] = []  # (step, phase, loss) at each log point
         self.val_log: list[tuple[int, str, float]] = []  # (step, phase, mean val Dice) at each validation
@@ -191,11 +236,6 @@ class Trainer:
         return cached[1]
 
     # -- batches ----------------------------------------------------------------------------------
-    def _labeled_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = to_device(torch.as_tensor(self.labeled_sampler.next(n)), self.device)
-        images, labels, _ = self.augmenter(self.data.labeled_images[idx], self.data.labeled_labels[idx])
-        return images, labels.long()
-
     def _unlabeled_images(self, indices: list[int]) -> torch.Tensor:
         return self.data.unlabeled_images[to_device(torch.as_tensor(indices), self.device)]
 
@@ -209,82 +249,13 @@ class Trainer:
         probs = resize_images(probs.float(), self.data.unlabeled_host.shape[-2:])  # to the canonical size
         return probs.cpu().numpy()
 
-    # -- one step per method ----------------------------------------------------------------------
+    # -- one step: the method's loss and teacher update -------------------------------------------
     def _loss(self, phase: Phase, phase_step: int) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        model = self._net(self.model)
-        if cfg.method == "supervised":
-            images, labels = self._labeled_batch(cfg.batch_size)
-            with autocast_for(self.device, self.amp):
-                return supervised_loss(model, images, labels)
-        if cfg.method == "mean_teacher":
-            images_l, labels_l = self._labeled_batch(cfg.labeled_bs)
-            u_idx = self.unlabeled_sampler.next(cfg.batch_size - cfg.labeled_bs)
-            images_u, _, _ = self.augmenter(self._unlabeled_images(u_idx))
-            with autocast_for(self.device, self.amp):
-                return mean_teacher_loss(
-                    model, self._net(self.teacher), images_l, labels_l, images_u, phase_step,
-                    cfg.mean_teacher, self.gen_dev,
-                )  # fmt: skip
-        # bcp / bcp_vessa
-        s = cfg.data.image_size
-        mask = to_device(bcp_lib.box_mask(s, s, cfg.bcp.box_ratio, self.gen_host), self.device)
-        if phase.name == "pretrain":
-            images_l, labels_l = self._labeled_batch(cfg.labeled_bs)
-            with autocast_for(self.device, self.amp):
-                return bcp_lib.bcp_pretrain_loss(model, images_l, labels_l, mask)
-        return self._bcp_self_train_loss(model, mask)
-
-    def _bcp_self_train_loss(self, model: nn.Module, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        assert self.teacher is not None
-        n_u = cfg.batch_size - cfg.labeled_bs
-        result = None
-        if self.vessa is not None:
-            u_idx, result = self.vessa.batch(self.step)
-        else:
-            u_idx = self.unlabeled_sampler.next(n_u)
-        images_l, labels_l = self._labeled_batch(cfg.labeled_bs)
-        images_u, _, params_u = self.augmenter(self._unlabeled_images(u_idx))
-        teacher = self._net(self.teacher)
-        half = n_u // 2
-        with autocast_for(self.device, self.amp):
-            # BCP labels the two unlabeled halves with two teacher forwards (batch statistics per half)
-            probs = torch.cat(
-                [
-                    bcp_lib.teacher_predict(teacher, images_u[:half], cfg.bcp.teacher_train_mode),
-                    bcp_lib.teacher_predict(teacher, images_u[half:], cfg.bcp.teacher_train_mode),
-                ]
-            )
-        plabel = bcp_lib.pseudo_label(probs, lcc=cfg.bcp.lcc, backend=cfg.bcp.lcc_backend)
-        weight = None
-        extra: dict[str, torch.Tensor] = {}
-        if self.vessa is not None:
-            size = cfg.data.image_size
-
-            def to_pose(canonical: torch.Tensor) -> torch.Tensor:
-                # the assistant answered on the canonical slice: training size, then this batch's pose
-                return self.augmenter.apply_geometric(resize_labels(canonical, size), params_u, "nearest")
-
-            fused = self.vessa.fuse(result, plabel, probs, to_pose)
-            plabel, weight = fused.label, fused.weight
-            if cfg.vessa.fusion.lcc_after:
-                plabel = bcp_lib.largest_connected_component(plabel, self.num_classes, cfg.bcp.lcc_backend)
-            extra = {f"vessa_{k}": v for k, v in fused.stats.items()}
-        with autocast_for(self.device, self.amp):
-            losses = bcp_lib.bcp_self_train_loss(
-                model, images_l, labels_l, images_u, plabel, mask, cfg.bcp.u_weight, weight
-            )
-        losses.update(extra)
-        return losses
+        return self.method.loss(self._inputs, phase.name, phase_step)
 
     def _after_step(self, phase: Phase, phase_step: int) -> None:
-        if self.teacher is None:
-            return
-        if self.cfg.method == "mean_teacher":
-            update_ema_params(self.teacher, self.model, self.cfg.mean_teacher.ema_decay, phase_step)
-        elif phase.name == "train":
-            update_ema_state(self.teacher, self.model, self.cfg.bcp.ema_decay)
+        if self.teacher is not None:
+            self.method.update_teacher(self.model, self.teacher, phase.name, phase_step)
 
     # -- phases -----------------------------------------------------------------------------------
     def _phase_of(self, step: int) -> Phase:
@@ -292,23 +263,6 @@ class Trainer:
             if p.start <= step < p.end:
                 return p
         return self.phases[-1]
-
-    def _start_self_training(self) -> None:
-        """BCP: student (and its optimizer state) from the best or last pre-trained model; teacher = copy."""
-        if self.cfg.method not in ("bcp", "bcp_vessa"):
-            return
-        src = self.out_dir / "best_pretrain.pt"
-        if self.cfg.bcp.init_from == "best" and src.is_file() and len(self.phases) > 1:
-            ckpt = load_checkpoint(src, map_location=self.device)
-            self.model.load_state_dict(ckpt["model"])
-            if "optimizer" in ckpt:
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-            log.info(
-                "self-training starts from best_pretrain.pt (step %d, Dice %.4f)",
-                ckpt["step"],
-                ckpt["best_dice"],
-            )
-        self.teacher = make_teacher(self.model)
 
     # -- validation and checkpoints ---------------------------------------------------------------
     def _validate(self, phase: Phase) -> float:
@@ -447,11 +401,12 @@ class Trainer:
         cfg = self.cfg
         phase = self._phase_of(self.step)
         phase_step = self.step - phase.start
-        if phase.name == "train" and phase_step == 0 and cfg.method in ("bcp", "bcp_vessa"):
-            self._start_self_training()
+        if phase_step == 0:
+            self.method.start_phase(self, phase.name)
         lr = cfg.optim.lr
         if cfg.optim.schedule == "poly":
             lr = poly_lr(cfg.optim.lr, phase_step, phase.length, cfg.optim.poly_power)
+        self.method.before_step(self, phase.name, phase_step)
         if self.static is not None:
             losses = self.static.run(phase.name, phase_step, lr)
             self.step += 1
