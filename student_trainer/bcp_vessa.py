@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from student_trainer.assistant_link import AssistantLink, PseudoLabelRequest, PseudoLabelResult
-from student_trainer.config import AssistantSettings
+from student_trainer.config import AssistantLinkSettings
 from student_trainer.data import to_device
 from student_trainer.fusion import AssistantAnswer
 from student_trainer.prefetch import PseudoLabelPrefetcher
@@ -40,7 +40,7 @@ from student_trainer.prefetch import PseudoLabelPrefetcher
 log = logging.getLogger(__name__)
 
 
-def build_link(cfg: AssistantSettings) -> AssistantLink | None:
+def build_link(cfg: AssistantLinkSettings) -> AssistantLink | None:
     """The link named by `vessa.link` ('module:callable', called with `vessa.link_kwargs`), or None."""
     if not cfg.link:
         return None
@@ -62,7 +62,7 @@ class VessaPseudoLabeler:
     def __init__(
         self,
         link: AssistantLink | None,
-        cfg: AssistantSettings,
+        cfg: AssistantLinkSettings,
         unlabeled_host: np.ndarray,
         keys: list[str],
         num_classes: int,

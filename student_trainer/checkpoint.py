@@ -11,7 +11,6 @@ already drawn for upcoming steps), `best_pretrain_dice`, `prefetch_stats`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,3 @@ def model_from_checkpoint(
     model.load_state_dict(_unwrap_state(ckpt["model"]))
     model.to(device).eval()
     return model, classes_from_list(ckpt["classes"]), int(meta["image_size"])
-
-
-def config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(ckpt["config"])

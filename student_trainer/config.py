@@ -100,7 +100,7 @@ class FusionSettings(_Section):
     lcc_after: bool = Field(False, description="largest-connected-component cleaning of the fused label too")
 
 
-class AssistantSettings(_Section):
+class AssistantLinkSettings(_Section):
     """bcp_vessa's link to the assistant (YAML key `vessa`)."""
 
     link: str = Field(
@@ -174,7 +174,7 @@ class TrainSettings(VessaSettings):
     augment: AugmentSettings = AugmentSettings()
     mean_teacher: MeanTeacherSettings = MeanTeacherSettings()
     bcp: BCPSettings = BCPSettings()
-    vessa: AssistantSettings = AssistantSettings()
+    vessa: AssistantLinkSettings = AssistantLinkSettings()
     step: StepSettings = StepSettings()
 
     @field_validator("method")

@@ -91,8 +91,3 @@ def mix_loss(
         logits, patch_label, patch_mask, patch_pixel_weight
     )
     return loss_dice, loss_ce
-
-
-def softmax_mse(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-    """Mean-teacher consistency: mean over all elements of (softmax(student) - teacher_probs)^2."""
-    return torch.mean((torch.softmax(student_logits.float(), dim=1) - teacher_probs.float()) ** 2)

@@ -404,11 +404,6 @@ class StaticStep:
         graph.replay()
         return out
 
-    def forget_graphs(self) -> None:
-        """Drop captured graphs (the modules or optimizer state they recorded were replaced)."""
-        self.graphs.clear()
-        self.eager_steps.clear()
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "labeled": self.labeled.state_dict(),
