@@ -17,7 +17,7 @@ CALL_TEXT = {
     409: "A pinned bank version that no longer exists, or a duplicate exemplar",
     413: "Request body over max_upload_mb",
     503: "The assistant is at capacity (backpressure) or not connected: retry later",
-    504: "The assistant did not answer within request_timeout_s",
+    504: "The assistant did not answer within request_timeout_s (plus request_timeout_per_slice_s for each slice of a pseudo-label call)",
 }
 CALL_ERRORS = (401, 503, 504)  # any route that calls the assistant
 

@@ -12,6 +12,9 @@ class ApiSettings(VessaSettings):
     api_token: str | None = None
     max_upload_mb: float = 256.0
     request_timeout_s: float = 120.0
+    # a pseudo-label call's limit grows with its slices: a 3D scan of 88 slices at the ~2-5 s a slice of
+    # an unaccelerated CPU replica must get its answer, not a timeout after minutes of work
+    request_timeout_per_slice_s: float = 10.0
     redis_url: str | None = None  # when set, /metrics reports the request stream's depth; jobs need it
     request_stream: str = "vessa:requests"
     limits: Limits = Limits()

@@ -67,9 +67,14 @@ class IngressState:
             raise bad("the API is not connected to an assistant yet", 503)
         return self.handle
 
-    async def call(self, method: str, *args, **kwargs):
-        """A method of the assistant deployment, within `request_timeout_s` (504), backpressure as 503."""
-        timeout = self.settings.request_timeout_s
+    def timeout_for(self, slices: int) -> float:
+        """The time limit of a call with `slices` slices: the base limit plus a share per slice."""
+        return self.settings.request_timeout_s + self.settings.request_timeout_per_slice_s * max(slices, 0)
+
+    async def call(self, method: str, *args, timeout: float | None = None, **kwargs):
+        """A method of the assistant deployment, within `timeout` (default `request_timeout_s`; a 504
+        after it), backpressure as 503."""
+        timeout = self.settings.request_timeout_s if timeout is None else timeout
         try:
             return await asyncio.wait_for(getattr(self.assistant(), method).remote(*args, **kwargs), timeout)
         except TimeoutError:

@@ -276,3 +276,33 @@ async def test_async_client(serve_app, volume):
         assert await c.ready()
     finally:
         await c.aclose()
+
+
+def test_a_pseudo_label_calls_time_limit_grows_with_its_slices(serve_app, tiny_bank, tmp_path, volume):
+    """A 3D scan that takes longer than the base limit gets its answer: the ingress gives each call
+    request_timeout_s + request_timeout_per_slice_s per slice. Two apps on the session's Ray with a base
+    limit far below what the volume takes (tiny model on the CPU): without the per-slice share the call
+    is a 504 that names the limit; with it, the label map."""
+    from ray import serve
+
+    from services.ingress.app import build_app
+    from tests.helpers import ASSISTANT_TEST_OPTIONS, SERVE_TEST_ARGS, SMALL, copy_bank, wait_ready
+
+    arr, affine, zooms, _ = volume
+    deployments = {"VessaAssistant": dict(ASSISTANT_TEST_OPTIONS), "VessaIngress": dict(SMALL)}
+    for name, per_slice in (("tight", 0.0), ("grows", 5.0)):
+        bank = copy_bank(tiny_bank, tmp_path / name / "bank")
+        args = {**SERVE_TEST_ARGS, "bank": str(bank), "request_timeout_s": 0.01, "request_timeout_per_slice_s": per_slice}
+        serve.run(build_app(args, deployments), name=f"vessa_{name}", route_prefix=f"/{name}")
+        wait_ready(f"{serve_app.url}/{name}")
+    try:
+        payload = nifti_bytes(arr, affine, zooms)
+        tight = httpx.post(f"{serve_app.url}/tight/v1/pseudo-labels", files={"file": ("v.nii.gz", payload)}, timeout=120)
+        assert tight.status_code == 504, tight.text
+        assert "did not answer within 0.01 s" in tight.json()["detail"]
+        result = AssistantClient(f"{serve_app.url}/grows", timeout=120).pseudo_labels(payload)
+        out, _, _ = read_nifti_array(result.nifti)
+        assert out.shape == arr.shape
+    finally:
+        for name in ("tight", "grows"):
+            serve.delete(f"vessa_{name}")

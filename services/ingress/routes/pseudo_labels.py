@@ -74,7 +74,9 @@ async def pseudo_labels(
         return_probs=return_probs and upload.kind == "npy",
         volume=upload.kind != "npy",  # a NIfTI volume is one piece; a .npy batch is independent slices
     )
-    reply_meta, reply_blobs = await state.call("assist", meta.model_dump_json(), blobs)
+    reply_meta, reply_blobs = await state.call(
+        "assist", meta.model_dump_json(), blobs, timeout=state.timeout_for(len(upload.slices))
+    )
     reply = AssistReply.model_validate_json(reply_meta)
     if reply.status == "error":
         raise bad(
