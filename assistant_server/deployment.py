@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from ray import serve
@@ -45,6 +46,11 @@ class AssistantSettings(VessaSettings):
     answer_cache_entries: int = 1024  # templates-only answers kept (inference.py); 0: off
     cpu_bf16: bool = False  # bf16 autocast on a CPU replica (about 2x faster; inference.py)
     torch_threads: int | None = None  # CPU replicas: torch threads per model call (None: leave as is)
+    # the frozen encoder's runtime (assistant_server/engines): auto = OpenVINO on a CPU, PyTorch on a GPU;
+    # a failing engine falls back to PyTorch with one warning. Converted models are cached on disk.
+    engine: Literal["auto", "torch", "openvino"] = "auto"
+    engine_precision: Literal["auto", "f32", "bf16"] = "auto"  # auto: bf16 where the CPU has it natively
+    engine_cache: Path | None = None  # None: ~/.cache/vessa/engines
     warmup: bool = True
     limits: Limits = Limits()
 
@@ -123,6 +129,9 @@ class VessaAssistant:
             encode_batch=s.encode_batch,
             answer_cache_entries=s.answer_cache_entries,
             cpu_bf16=s.cpu_bf16,
+            engine=s.engine,
+            engine_precision=s.engine_precision,
+            engine_cache=s.engine_cache,
         )
         self._model_lock = threading.Lock()  # one model call at a time: batches, segment, templates
         self._batched.set_max_batch_size(s.max_batch_slices)

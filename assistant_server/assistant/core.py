@@ -31,6 +31,7 @@ from assistant_server.assistant.volumes import VolumePrediction
 from assistant_server.bank import TemplateBank, global_descriptor
 from assistant_server.checkpoint import build_model, load_checkpoint
 from assistant_server.embedding_cache import EmbeddingCache
+from assistant_server.engines import EncodeFn, engine_name, select_encoder
 from assistant_server.modeling.foundation import module_state_hash
 from assistant_server.modeling.vessa import VessaConfig, VessaModel, combine_classes
 from assistant_server.precision import autocast
@@ -68,7 +69,10 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         answer_cache_entries: int = 1024,
         cpu_bf16: bool = False,
         options: InferenceOptions | None = None,
+        encode_fn: EncodeFn | None = None,
     ):
+        """encode_fn: what computes image embeddings in place of `model.encode` (an engine from
+        assistant_server.engines; `from_files` chooses one); None: `model.encode`."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
         self.model.requires_grad_(False)
@@ -82,6 +86,7 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         self.options = options or InferenceOptions()
         self.num_templates = self.options.num_templates or model.config.num_templates
         self.cpu_bf16 = cpu_bf16  # bf16 on the CPU too (assistant_server/precision.py)
+        self.encode_fn: EncodeFn = encode_fn or self.model.encode
         self._bank_state: BankState | None = None
         self._lock = threading.Lock()
         self._stats = {
@@ -111,10 +116,17 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         answer_cache_entries: int = 1024,
         cpu_bf16: bool = False,
         options: dict | None = None,
+        engine: str = "auto",
+        engine_precision: str = "auto",
+        engine_cache: str | Path | None = None,
     ) -> Assistant:
         """ckpt: a checkpoint path; "pretrained" (LiteMedSAM weights, new parts untrained) or "random"
         (random weights: for tests and benchmarks, where speed does not depend on weight values).
-        options: InferenceOptions fields overriding the checkpoint's own (`extra["inference"]`)."""
+        options: InferenceOptions fields overriding the checkpoint's own (`extra["inference"]`).
+        engine: auto | torch | openvino, the frozen encoder's runtime (assistant_server/engines: auto is
+        OpenVINO on a CPU, PyTorch on a GPU; a failing engine falls back to PyTorch with one warning);
+        engine_precision: auto | f32 | bf16 (auto: bf16 where the CPU has it natively); engine_cache:
+        the converted models' directory (default VESSA_ENGINE_CACHE or ~/.cache/vessa/engines)."""
         bank = TemplateBank(bank_dir)
         stored: dict = {}
         if ckpt in (None, "", "pretrained", "random"):
@@ -130,8 +142,20 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         )
         device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cache = EmbeddingCache(device_t, cache_device_entries, cache_host_entries, cache_store)
+        batch = encode_batch or default_encode_batch(device_t)
+        encode_fn = select_encoder(model, device_t, engine, batch, engine_precision, engine_cache)
         return cls(
-            model, bank, classes, device_t, cache, version, encode_batch, answer_cache_entries, cpu_bf16, opts
+            model,
+            bank,
+            classes,
+            device_t,
+            cache,
+            version,
+            encode_batch,
+            answer_cache_entries,
+            cpu_bf16,
+            opts,
+            encode_fn=encode_fn,
         )
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -199,7 +223,7 @@ class Assistant(VolumePrediction, PromptedSegmentation):
                 chunk = to_encode[start : start + self.encode_batch]
                 x = encoder_input([slices[i].image for i in chunk], self.device)
                 with torch.inference_mode(), self._autocast():
-                    emb = self.model.encode(x)
+                    emb = self.encode_fn(x)
                 for j, i in enumerate(chunk):
                     self.cache.put(hashes[i], emb[j], shapes[i])
                     found[i] = emb[j].to(self.cache.dtype)
@@ -427,4 +451,5 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         s["bank_version"] = self.bank.version
         s["device"] = str(self.device)
         s["model_version"] = self.model_version
+        s["encoder_engine"] = engine_name(self.encode_fn)
         return s

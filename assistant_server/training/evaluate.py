@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ class EvalSettings(VessaSettings):
     position_weight: float | None = None
     volume_templates: int | None = None
     cpu_bf16: bool = False
+    engine: Literal["auto", "torch", "openvino"] = "auto"  # the encoder's runtime (assistant_server/engines)
 
     def inference_overrides(self) -> dict:
         return {
@@ -125,6 +127,7 @@ def evaluate_assistant(s: EvalSettings) -> dict:
         cache_device_entries=100_000,
         options=s.inference_overrides(),
         cpu_bf16=s.cpu_bf16,
+        engine=s.engine,
     )
     keep_freed_memory(assistant.device)  # a long batch job: on the CPU, reuse freed blocks
     baselines = _Baselines(assistant)

@@ -183,6 +183,7 @@ def assistant_eval(
         None, help="override: a volume's K most confident slices as extra templates for its other slices"
     ),
     cpu_bf16: bool = typer.Option(False, "--cpu-bf16", help="bf16 autocast on the CPU"),
+    engine: str = typer.Option("auto", "--engine", help="encoder runtime: auto (OpenVINO on a CPU, PyTorch on a GPU), torch or openvino"),
 ):
     """Per-volume, per-class Dice/Jaccard/HD95/ASD for prompting modes and baselines (JSON + table), and how
     well the assistant's confidence ranks the volumes (Spearman vs true Dice, reliability table).
@@ -213,6 +214,7 @@ def assistant_eval(
         position_weight=position_weight,
         volume_templates=volume_templates,
         cpu_bf16=cpu_bf16,
+        engine=engine,
     )
     report = evaluate_assistant(s)
     typer.echo(report["table"])

@@ -51,6 +51,7 @@ def label_cmd(
     encoder: str = typer.Option("litemedsam", help="embedded default: litemedsam or tiny"),
     device: str = typer.Option("cpu", help="embedded default: cpu or cuda"),
     replicas: int = typer.Option(1, min=1, help="embedded default: assistant replicas"),
+    engine: str = typer.Option("auto", "--engine", help="embedded default: encoder runtime: auto (OpenVINO on a CPU, PyTorch on a GPU), torch or openvino"),
     embed_store: Path | None = typer.Option(None, "--embed-store", help="embedded default: persisted encoder embeddings to read and fill (vessa assistant embed)"),
     cases: str | None = typer.Option(None, "--cases", help="comma-separated case ids (default: the selection below)"),
     all_cases: bool = typer.Option(False, "--all/--unlabeled", help="every case, or only cases without ground truth (default)"),
@@ -70,6 +71,8 @@ def label_cmd(
         if data is None:
             raise typer.BadParameter("--data is required (a dataset under the service's data root)")
         raise typer.Exit(_run_remote(url, token, str(data), cases, all_cases, classes, probs, batch_slices, max_in_flight, cases_in_flight, progress))
+    if engine not in ("auto", "torch", "openvino"):
+        raise typer.BadParameter(f"unknown engine {engine!r}: auto, torch or openvino", param_hint="--engine")
     if data is None or out is None:
         raise typer.BadParameter("--data and --out are required (or use `vessa label rank|score`)")
     from pydantic import ValidationError
@@ -108,7 +111,7 @@ def label_cmd(
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         typer.echo("starting the embedded default (local Ray Serve + Redis + dispatcher)…", err=True)
         store = embed_store.resolve() if embed_store else None
-        with embedded_service(ckpt, bank.resolve(), Path(job.out) / ".service", encoder, device, replicas, store) as url:
+        with embedded_service(ckpt, bank.resolve(), Path(job.out) / ".service", encoder, device, replicas, store, engine) as url:
             summary = _run(job, url, progress)
     raise typer.Exit(1 if summary.failed else 0)
 

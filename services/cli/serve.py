@@ -73,6 +73,7 @@ def serve_cmd(
     port: int | None = typer.Option(None, help="HTTP port (default from the config)"),
     encoder: str | None = typer.Option(None, help="litemedsam or tiny"),
     device: str | None = typer.Option(None, help="cpu or cuda"),
+    engine: str | None = typer.Option(None, "--engine", help="encoder runtime: auto (OpenVINO on a CPU, PyTorch on a GPU), torch or openvino"),
     stream: bool = typer.Option(
         False,
         "--stream/--no-stream",
@@ -91,10 +92,18 @@ def serve_cmd(
     from services.ingress.app import build_app
     from services.runtime.placement import PlacementError, check_placement
 
+    if engine not in (None, "auto", "torch", "openvino"):
+        raise typer.BadParameter(f"unknown engine {engine!r}: auto, torch or openvino", param_hint="--engine")
     cfg = load_serve_config(config)
     args, deployments, http = application_options(
         cfg,
-        {"ckpt": ckpt, "bank": str(bank) if bank else None, "encoder": encoder, "device": device},
+        {
+            "ckpt": ckpt,
+            "bank": str(bank) if bank else None,
+            "encoder": encoder,
+            "device": device,
+            "engine": engine,
+        },
         replicas,
         gpus_per_replica,
     )

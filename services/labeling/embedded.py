@@ -23,9 +23,11 @@ def embedded_service(
     device: str = "cpu",
     replicas: int = 1,
     embed_store: Path | None = None,
+    engine: str = "auto",
 ):
     """Yields the Redis URL of a local service that answers the request stream. embed_store: a
-    directory of persisted encoder embeddings the replica reads and fills (`vessa assistant embed`)."""
+    directory of persisted encoder embeddings the replica reads and fills (`vessa assistant embed`);
+    engine: the replica's encoder runtime (auto | torch | openvino, assistant_server/engines)."""
     if ckpt not in ("random", "pretrained") and not Path(ckpt).is_file():
         raise FileNotFoundError(f"assistant checkpoint not found: {ckpt}")
     if not (Path(bank) / "manifest.json").is_file():
@@ -47,7 +49,7 @@ def embedded_service(
         assistant = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0, "runtime_env": all_cores_runtime_env()}}
         if device == "cpu":
             assistant["user_config"] = {"torch_threads": max(1, cores // replicas)}
-        args = {"ckpt": str(ckpt), "bank": str(bank), "encoder": encoder, "device": device, "max_batch_slices": 16}
+        args = {"ckpt": str(ckpt), "bank": str(bank), "encoder": encoder, "device": device, "max_batch_slices": 16, "engine": engine}
         if embed_store is not None:
             args["cache_store"] = str(embed_store)
         serve.run(
