@@ -48,7 +48,9 @@ class AssistantSettings(VessaSettings):
     torch_threads: int | None = None  # CPU replicas: torch threads per model call (None: leave as is)
     # the frozen encoder's runtime (assistant_server/engines): auto = OpenVINO on a CPU, PyTorch on a GPU;
     # a failing engine falls back to PyTorch with one warning. Converted models are cached on disk.
-    engine: Literal["auto", "torch", "openvino"] = "auto"
+    # default torch: the engine is opt-in until its labels are shown as good as eager ones on real data
+    # (benchmarks/cpu_engine.py, docs/benchmarks.md)
+    engine: Literal["auto", "torch", "openvino"] = "torch"
     engine_precision: Literal["auto", "f32", "bf16"] = "auto"  # auto: bf16 where the CPU has it natively
     engine_cache: Path | None = None  # None: ~/.cache/vessa/engines
     warmup: bool = True

@@ -116,7 +116,7 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         answer_cache_entries: int = 1024,
         cpu_bf16: bool = False,
         options: dict | None = None,
-        engine: str = "auto",
+        engine: str = "torch",
         engine_precision: str = "auto",
         engine_cache: str | Path | None = None,
     ) -> Assistant:

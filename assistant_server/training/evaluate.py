@@ -57,7 +57,7 @@ class EvalSettings(VessaSettings):
     position_weight: float | None = None
     volume_templates: int | None = None
     cpu_bf16: bool = False
-    engine: Literal["auto", "torch", "openvino"] = "auto"  # the encoder's runtime (assistant_server/engines)
+    engine: Literal["auto", "torch", "openvino"] = "torch"  # the encoder's runtime (assistant_server/engines)
 
     def inference_overrides(self) -> dict:
         return {

@@ -183,7 +183,7 @@ def assistant_eval(
         None, help="override: a volume's K most confident slices as extra templates for its other slices"
     ),
     cpu_bf16: bool = typer.Option(False, "--cpu-bf16", help="bf16 autocast on the CPU"),
-    engine: str = typer.Option("auto", "--engine", help="encoder runtime: auto (OpenVINO on a CPU, PyTorch on a GPU), torch or openvino"),
+    engine: str = typer.Option("torch", "--engine", help="encoder runtime: torch, openvino, or auto (OpenVINO on a CPU, PyTorch on a GPU)"),
 ):
     """Per-volume, per-class Dice/Jaccard/HD95/ASD for prompting modes and baselines (JSON + table), and how
     well the assistant's confidence ranks the volumes (Spearman vs true Dice, reliability table).

@@ -51,7 +51,7 @@ def label_cmd(
     encoder: str = typer.Option("litemedsam", help="embedded default: litemedsam or tiny"),
     device: str = typer.Option("cpu", help="embedded default: cpu or cuda"),
     replicas: int = typer.Option(1, min=1, help="embedded default: assistant replicas"),
-    engine: str = typer.Option("auto", "--engine", help="embedded default: encoder runtime: auto (OpenVINO on a CPU, PyTorch on a GPU), torch or openvino"),
+    engine: str = typer.Option("torch", "--engine", help="embedded default: encoder runtime: torch, openvino, or auto (OpenVINO on a CPU, PyTorch on a GPU)"),
     embed_store: Path | None = typer.Option(None, "--embed-store", help="embedded default: persisted encoder embeddings to read and fill (vessa assistant embed)"),
     cases: str | None = typer.Option(None, "--cases", help="comma-separated case ids (default: the selection below)"),
     all_cases: bool = typer.Option(False, "--all/--unlabeled", help="every case, or only cases without ground truth (default)"),

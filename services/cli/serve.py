@@ -73,7 +73,7 @@ def serve_cmd(
     port: int | None = typer.Option(None, help="HTTP port (default from the config)"),
     encoder: str | None = typer.Option(None, help="litemedsam or tiny"),
     device: str | None = typer.Option(None, help="cpu or cuda"),
-    engine: str | None = typer.Option(None, "--engine", help="encoder runtime: auto (OpenVINO on a CPU, PyTorch on a GPU), torch or openvino"),
+    engine: str | None = typer.Option(None, "--engine", help="encoder runtime: torch (default), openvino, or auto (OpenVINO on a CPU, PyTorch on a GPU)"),
     stream: bool = typer.Option(
         False,
         "--stream/--no-stream",

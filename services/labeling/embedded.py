@@ -23,7 +23,7 @@ def embedded_service(
     device: str = "cpu",
     replicas: int = 1,
     embed_store: Path | None = None,
-    engine: str = "auto",
+    engine: str = "torch",
 ):
     """Yields the Redis URL of a local service that answers the request stream. embed_store: a
     directory of persisted encoder embeddings the replica reads and fills (`vessa assistant embed`);
