@@ -58,6 +58,7 @@ class EvalSettings(VessaSettings):
     volume_templates: int | None = None
     cpu_bf16: bool = False
     engine: Literal["auto", "torch", "openvino"] = "torch"  # the encoder's runtime (assistant_server/engines)
+    engine_precision: Literal["auto", "f32", "bf16"] = "auto"  # the engine's precision hint (auto: bf16 where native)
 
     def inference_overrides(self) -> dict:
         return {
@@ -128,6 +129,7 @@ def evaluate_assistant(s: EvalSettings) -> dict:
         options=s.inference_overrides(),
         cpu_bf16=s.cpu_bf16,
         engine=s.engine,
+        engine_precision=s.engine_precision,
     )
     keep_freed_memory(assistant.device)  # a long batch job: on the CPU, reuse freed blocks
     baselines = _Baselines(assistant)
