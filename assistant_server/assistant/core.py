@@ -293,12 +293,16 @@ class Assistant(VolumePrediction, PromptedSegmentation):
                     )
                     if remember and student is None:
                         self._answers.put((hashes[i], state.version, ids_key), outputs[i])
+        self._count_batch(t0, len(slices))
+        return outputs  # type: ignore[return-value]
+
+    def _count_batch(self, t0: float, slices: int) -> None:
+        """One answered batch in the stats: decoder time since `t0` (after the device finished)."""
         self._sync()
         with self._lock:
             self._stats["decoder_s"] += time.perf_counter() - t0
-            self._stats["slices"] += len(slices)
+            self._stats["slices"] += slices
             self._stats["batches"] += 1
-        return outputs  # type: ignore[return-value]
 
     def _checked_request(
         self, slices: list[SliceInput], class_ids: list[int] | None, bank_version: int | None = None

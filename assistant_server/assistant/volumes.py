@@ -91,11 +91,7 @@ class VolumePrediction:
                 o.label = keep_largest(o.label, lcc_ids, self.options.component_keep_share)
         for j, i in enumerate(present):
             outputs[i] = finished[j]
-        self._sync()
-        with self._lock:
-            self._stats["decoder_s"] += time.perf_counter() - t0
-            self._stats["slices"] += len(slices)
-            self._stats["batches"] += 1
+        self._count_batch(t0, len(slices))
         return outputs  # type: ignore[return-value]
 
     def _with_volume_templates(
