@@ -96,7 +96,7 @@ def test_no_unpickling_in_our_packages():
 
 def test_np_load_is_always_called_with_allow_pickle_false_or_default():
     """np.load defaults to allow_pickle=False, but where we call it on wire data we say so explicitly."""
-    src = (ROOT / "shared" / "wire.py").read_text()
+    src = (ROOT / "shared" / "wire" / "arrays.py").read_text()
     calls = [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call) and _dotted(n.func) == "np.load"]
     assert calls and all(_is_const(_kw(c, "allow_pickle"), False) for c in calls)
 
