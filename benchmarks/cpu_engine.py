@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--bank", type=Path, default=None, help="the bank (default: the checkpoint's)")
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, default=None, help="first N volumes (default: all)")
     p.add_argument("--reps", type=int, default=3, help="encoder batches timed per engine")
@@ -64,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     ds = open_dataset(args.data)
     first = ds.read_volume(ds.volume_ids(args.split)[0], args.split)
     images = [np.ascontiguousarray(first.image[z]) for z in range(min(8, first.image.shape[0]))]
-    bank = _bank_for(EvalSettings(ckpt=args.ckpt, data=args.data))
+    bank = _bank_for(EvalSettings(ckpt=args.ckpt, data=args.data, bank=args.bank))
     rows = []
     for engine, precision in configs:
         a = Assistant.from_files(args.ckpt, bank, device="cpu", engine=engine, engine_precision=precision)
         enc = encoder_rate(a, images, args.reps)
         served = a.stats().get("encoder_engine", engine)
         del a
-        s = EvalSettings(ckpt=args.ckpt, data=args.data, split=args.split, limit=args.limit, device="cpu",
+        s = EvalSettings(ckpt=args.ckpt, data=args.data, bank=bank, split=args.split, limit=args.limit, device="cpu",
                          modes=("templates",), engine=engine, engine_precision=precision)  # fmt: skip
         rep = evaluate_assistant(s)
         st = rep["assistant_stats"]
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         r["spearman_vs_eager"] = spearman(r["case_confidence"], base["case_confidence"])
     print(table(rows, _flags(), args))
     if args.json:
-        args.json.write_text(json.dumps({"machine": _flags(), "args": vars(args) | {"data": str(args.data), "json": str(args.json)}, "rows": rows}, indent=1, default=float))
+        args.json.write_text(json.dumps({"machine": _flags(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1, default=float))
     return 0
 
 
