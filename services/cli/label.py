@@ -71,8 +71,10 @@ def label_cmd(
         if data is None:
             raise typer.BadParameter("--data is required (a dataset under the service's data root)")
         raise typer.Exit(_run_remote(url, token, str(data), cases, all_cases, classes, probs, batch_slices, max_in_flight, cases_in_flight, progress))
-    if engine not in ("auto", "torch", "openvino"):
-        raise typer.BadParameter(f"unknown engine {engine!r}: auto, torch or openvino", param_hint="--engine")
+    from assistant_server.engines import ENGINES
+
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}", param_hint="--engine")
     if data is None or out is None:
         raise typer.BadParameter("--data and --out are required (or use `vessa label rank|score`)")
     from pydantic import ValidationError

@@ -89,11 +89,12 @@ def serve_cmd(
     import ray
     from ray import serve
 
+    from assistant_server.engines import ENGINES
     from services.ingress.app import build_app
     from services.runtime.placement import PlacementError, check_placement
 
-    if engine not in (None, "auto", "torch", "openvino"):
-        raise typer.BadParameter(f"unknown engine {engine!r}: auto, torch or openvino", param_hint="--engine")
+    if engine is not None and engine not in ENGINES:
+        raise typer.BadParameter(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}", param_hint="--engine")
     cfg = load_serve_config(config)
     args, deployments, http = application_options(
         cfg,
