@@ -186,6 +186,13 @@ class TemplateBank:
                 f"the assistant uses {encoder_id[:16]}…: rebuild the bank"
             )
 
+    def differing_texts(self, classes: list[ClassInfo]) -> list[str]:
+        """Names of the classes whose description here differs from `classes`' (a checkpoint's, i.e. the
+        texts its text tokens were trained on). Not a mismatch (descriptions may be reworded), but the
+        text embeddings the model reads are then not the ones it learned with."""
+        theirs = {c.index: c.description for c in classes}
+        return [c.name for c in self.classes if c.index in theirs and theirs[c.index] != c.description]
+
     def retrieve(
         self, descriptors: torch.Tensor, k: int, exclude_patients: list[str] | None = None
     ) -> torch.Tensor:

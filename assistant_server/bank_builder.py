@@ -12,6 +12,7 @@ from tqdm import tqdm
 from assistant_server.bank import Exemplar, TemplateBank
 from assistant_server.checkpoint import build_model, load_checkpoint
 from assistant_server.cpu_memory import keep_freed_memory
+from assistant_server.engines import EncodeFn, stored_embeddings_encoder
 from assistant_server.modeling.foundation import IMAGE_SIZE, module_state_hash
 from assistant_server.modeling.vessa import VessaConfig, VessaModel
 from assistant_server.precision import autocast
@@ -40,13 +41,18 @@ def encoder_for(encoder: str = "litemedsam", ckpt: str | Path | None = None, see
 
 @torch.inference_mode()
 def encode_exemplars(
-    model: VessaModel, images: list[np.ndarray], device: torch.device, cpu_bf16: bool = False
+    model: VessaModel,
+    images: list[np.ndarray],
+    device: torch.device,
+    cpu_bf16: bool = False,
+    encode_fn: EncodeFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(H, W) images → (N, 256, 256) encoder-normalised images and (N, 256, 64, 64) embeddings (CPU).
-    cpu_bf16: bf16 autocast on the CPU too (assistant_server/precision.py)."""
+    cpu_bf16: bf16 autocast on the CPU too (assistant_server/precision.py); encode_fn: an engine in
+    place of `model.encode` (assistant_server/engines.stored_embeddings_encoder)."""
     x = encoder_input(images, device)
     with autocast(device, cpu_bf16):
-        emb = model.encode(x)
+        emb = (encode_fn or model.encode)(x)
     return x[:, 0].cpu(), emb.float().cpu()
 
 
@@ -60,8 +66,10 @@ def build_bank(
     batch_size: int = 8,
     classes: list[ClassInfo] | None = None,
     cpu_bf16: bool = False,
+    engine: str = "auto",
 ) -> TemplateBank:
-    """Every slice of the first `n_labeled` patients of `data` becomes an exemplar."""
+    """Every slice of the first `n_labeled` patients of `data` becomes an exemplar. engine: the
+    encoder's runtime (assistant_server/engines; on a CPU, OpenVINO at f32 unless "torch")."""
     from shared.data import open_dataset
     from shared.data.split import split_by_patient
 
@@ -70,6 +78,7 @@ def build_bank(
     ds = open_dataset(data)
     split = split_by_patient(ds, n_labeled)
     model = encoder_for(encoder, ckpt).to(dev).eval()
+    encode_fn = stored_embeddings_encoder(model, dev, engine)
     classes = classes or ds.classes
     bank = TemplateBank.create(
         out, classes, embed_classes(classes), module_state_hash(model.image_encoder), TEXT_MODEL_NAME
@@ -79,7 +88,7 @@ def build_bank(
     bar = tqdm(total=len(pool), desc="bank: encoding exemplars", unit="slice")
     for start in range(0, len(pool), batch_size):
         items = [pool[i] for i in range(start, min(start + batch_size, len(pool)))]
-        images, emb = encode_exemplars(model, [it.image for it in items], dev, cpu_bf16)
+        images, emb = encode_exemplars(model, [it.image for it in items], dev, cpu_bf16, encode_fn)
         labels = torch.stack([resize_label(it.label) for it in items])
         exemplars = [
             Exemplar(

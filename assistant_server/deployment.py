@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import threading
@@ -19,15 +21,19 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from pydantic import field_validator
 from ray import serve
 
 from assistant_server.assistant import Assistant, AssistantInputError
+from assistant_server.assistant.options import InferenceOptions
 from assistant_server.call_handler import error_reply, serve_calls
 from shared.config import VessaSettings
 from shared.wire.arrays import WireError
 from shared.wire.protocol import AssistCall, AssistReply, Limits, WireSlice, dumps, parse_call
 
 log = logging.getLogger("vessa.assistant")
+
+MODEL_POINTER = "served_model.json"  # beside the bank: the checkpoint every replica serves (use_model)
 
 
 class AssistantSettings(VessaSettings):
@@ -46,12 +52,30 @@ class AssistantSettings(VessaSettings):
     answer_cache_entries: int = 1024  # templates-only answers kept (inference.py); 0: off
     cpu_bf16: bool = False  # bf16 autocast on a CPU replica (about 2x faster; inference.py)
     torch_threads: int | None = None  # CPU replicas: torch threads per model call (None: leave as is)
-    # the frozen encoder's runtime (assistant_server/engines): auto = OpenVINO on a CPU, PyTorch on a GPU;
-    # a failing engine falls back to PyTorch with one warning. Converted models are cached on disk.
-    # default torch: the engine is opt-in until its labels are shown as good as eager ones on real data
-    # (benchmarks/cpu_engine.py, docs/benchmarks.md)
-    engine: Literal["auto", "torch", "openvino"] = "torch"
-    engine_precision: Literal["auto", "f32", "bf16"] = "auto"  # auto: bf16 where the CPU has it natively
+    # a replica that serves one batch job (vessa label's embedded default): keep freed memory in the
+    # process instead of page-faulting large blocks in again on every call (assistant_server/cpu_memory.py:
+    # 2x the eager path's rate on a 2-vCPU EPYC, docs/benchmarks.md); a long-lived server leaves it off
+    keep_freed_memory: bool = False
+    # the runtime of the frozen encoder and the mask decoder (assistant_server/engines): auto = OpenVINO on a
+    # CPU, PyTorch on a GPU; a failing engine falls back to PyTorch with one warning. Converted models are
+    # cached on disk. f32 gives the eager path's labels (within 1e-4); bf16 is faster where the CPU has it
+    # natively, with labels that differ slightly (docs/benchmarks.md); auto: bf16 where native.
+    engine: Literal["auto", "torch", "openvino"] = "auto"
+    engine_precision: Literal["auto", "f32", "bf16"] = "f32"
+    decoder_precision: Literal["auto", "f32", "bf16"] | None = None  # None: engine_precision
+    # InferenceOptions overrides for this replica (e.g. {"refine_below": 0.3}), over the checkpoint's own
+    inference: dict = {}
+
+    @field_validator("inference")
+    @classmethod
+    def _known_inference_options(cls, value: dict) -> dict:
+        """Unknown keys and bad values stop the replica at start-up, named, instead of being ignored."""
+        known = {f.name for f in dataclasses.fields(InferenceOptions)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown inference option(s) {unknown}: use {sorted(known)}")
+        InferenceOptions.from_dict(value)  # raises ValueError on a bad value
+        return value
     engine_cache: Path | None = None  # None: ~/.cache/vessa/engines
     warmup: bool = True
     limits: Limits = Limits()
@@ -120,21 +144,16 @@ class VessaAssistant:
     def __init__(self, settings: dict | None = None):
         self.settings = AssistantSettings(**(settings or {}))
         s = self.settings
-        self.assistant = Assistant.from_files(
-            s.ckpt,
-            s.bank,
-            device=s.device,
-            encoder=s.encoder,
-            cache_device_entries=s.cache_device_entries,
-            cache_host_entries=s.cache_host_entries,
-            cache_store=s.cache_store,
-            encode_batch=s.encode_batch,
-            answer_cache_entries=s.answer_cache_entries,
-            cpu_bf16=s.cpu_bf16,
-            engine=s.engine,
-            engine_precision=s.engine_precision,
-            engine_cache=s.engine_cache,
-        )
+        if s.keep_freed_memory:
+            import torch
+
+            from assistant_server.cpu_memory import keep_freed_memory
+
+            keep_freed_memory(torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        # a checkpoint another replica was told to serve (`use_model`) wins over the configured one
+        pointed = self._pointed_model()
+        self.assistant = self._build(pointed[0] if pointed else s.ckpt)
+        self._pointer_stamp = pointed[1] if pointed else None
         self._model_lock = threading.Lock()  # one model call at a time: batches, segment, templates
         self._batched.set_max_batch_size(s.max_batch_slices)
         self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -160,6 +179,105 @@ class VessaAssistant:
             self._warmup()
         self.ready = True
 
+    def _build(self, ckpt: str) -> Assistant:
+        s = self.settings
+        return Assistant.from_files(
+            ckpt,
+            s.bank,
+            device=s.device,
+            encoder=s.encoder,
+            cache_device_entries=s.cache_device_entries,
+            cache_host_entries=s.cache_host_entries,
+            cache_store=s.cache_store,
+            encode_batch=s.encode_batch,
+            answer_cache_entries=s.answer_cache_entries,
+            cpu_bf16=s.cpu_bf16,
+            engine=s.engine,
+            engine_precision=s.engine_precision,
+            engine_cache=s.engine_cache,
+            decoder_precision=s.decoder_precision,
+            options=s.inference,
+        )
+
+    # ------------------------------------------------------------------------------ the served model
+    # A fine-tuned checkpoint (MONAI Label's POST /train) reaches every replica the way a bank change
+    # does: through a file beside the bank they share. `use_model` loads it on the replica it reaches and
+    # writes `<bank>/served_model.json`; every replica compares that file's stamp before each model call
+    # (one stat) and loads the checkpoint it names when it changed; a replica started later reads it too.
+    def _pointer(self) -> Path:
+        return Path(self.settings.bank) / MODEL_POINTER
+
+    def _pointed_model(self) -> tuple[str, tuple] | None:
+        p = self._pointer()
+        try:
+            st = p.stat()
+            ckpt = json.loads(p.read_text())["ckpt"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return (ckpt, (st.st_mtime_ns, st.st_size)) if isinstance(ckpt, str) else None
+
+    def _follow_pointer(self) -> None:
+        """Called with the model lock held: load the pointed checkpoint if the pointer changed."""
+        try:
+            st = self._pointer().stat()
+        except OSError:
+            return
+        if (st.st_mtime_ns, st.st_size) == self._pointer_stamp:
+            return
+        pointed = self._pointed_model()
+        if pointed is None:
+            return
+        ckpt, stamp = pointed
+        self._pointer_stamp = stamp
+        if ckpt != self.settings.ckpt:
+            try:
+                self.assistant = self._build(ckpt)
+            except Exception:  # keep serving the model this replica has; said once per pointer change
+                log.exception("cannot serve %s named by %s", ckpt, self._pointer())
+                return
+            log.info("serving %s (written by another replica)", ckpt)
+            self.settings.ckpt = ckpt
+
+    async def use_model(self, ckpt: str) -> dict:
+        """Serve the checkpoint file `ckpt` on every replica (see above). Returns the new model version,
+        or {"error": ...} when the file is not a checkpoint this replica can serve (nothing changes)."""
+        from assistant_server.checkpoint import CheckpointError
+
+        path = Path(ckpt)
+        if not path.is_absolute() or path.suffix != ".pt" or not path.is_file():
+            return {"error": f"{ckpt!r} is not a checkpoint file (an absolute path to a .pt file)"}
+
+        def run():
+            assistant = self._build(str(path))  # outside the lock: requests keep being served meanwhile
+            with self._model():
+                self.assistant = assistant
+                self.settings.ckpt = str(path)
+                tmp = self._pointer().with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps({"ckpt": str(path), "model": assistant.model_version}))
+                os.replace(tmp, self._pointer())
+                self._pointer_stamp = self._pointed_model()[1]
+            return assistant.model_version
+
+        try:
+            version = await asyncio.to_thread(run)
+        except (CheckpointError, ValueError, KeyError) as exc:
+            return {"error": f"cannot serve {ckpt}: {type(exc).__name__}: {exc}"}
+        return {"model": version}
+
+    async def training_source(self) -> dict:
+        """What a fine-tune starts from: the served checkpoint, the bank directory and the encoder."""
+        await asyncio.to_thread(self._sync_model)
+        return {
+            "ckpt": self.settings.ckpt,
+            "bank": str(Path(self.settings.bank).resolve()),
+            "encoder": self.settings.encoder,
+            "model": self.assistant.model_version,
+        }
+
+    def _sync_model(self) -> None:
+        with self._model():
+            pass
+
     def _warmup(self) -> None:
         """One encoder and decoder pass, so the first request does not pay for lazy initialisation."""
         if len(self.assistant.bank) == 0:
@@ -176,6 +294,7 @@ class VessaAssistant:
         """Hold the model lock, with `torch_threads` applied in the calling thread: model calls run on
         executor threads, and torch's CPU thread count is per thread under OpenMP."""
         with self._model_lock:
+            self._follow_pointer()
             want = self.settings.torch_threads
             if want:
                 import torch
@@ -337,6 +456,7 @@ class VessaAssistant:
 
     # ------------------------------------------------------------------------------------------ info
     async def info(self) -> dict:
+        await asyncio.to_thread(self._sync_model)
         ctx = serve.get_replica_context()
         st = self.assistant.stats()
         up = time.time() - self._started

@@ -1,13 +1,19 @@
-"""The encoder engines on the CPU, side by side in one run (issue 30): per engine and precision, the
-encoder alone (slices/s, GFLOP/s), the assistant's templates-only labels of a dataset's validation
-volumes as a replica computes them (encoder + decoder, one volume at a time: slices/s, the decoder's
-share), mean Dice against ground truth, and the agreement with the eager PyTorch path (Dice difference,
-Spearman between the two paths' case confidences).
+"""The CPU engines side by side in one run (issue 30): per configuration (engine, precision, the
+decoder's precision, inference options such as refine_below), the encoder alone (slices/s, GFLOP/s), the
+assistant's templates-only labels of a dataset's validation volumes as a replica computes them (encoder +
+decoder, one volume at a time: slices/s, decoder slices/s and share), mean Dice against ground truth, and
+the agreement with the first configuration, the eager PyTorch path (Dice difference, Spearman between the
+two paths' case confidences). With --label-job, each configuration instead labels the same volumes
+through `vessa label`'s embedded default (local Ray Serve replica, Redis, dispatcher, NIfTI in and out),
+timed end to end and scored as `vessa label score` scores.
 
     python -m benchmarks.cpu_engine --ckpt CKPT --data ../shared/data/acdc [--limit N] [--json OUT]
+        [--configs torch:f32,openvino:f32,openvino:bf16,openvino:f32:refine_below=0.3] [--label-job]
 
-One process, one engine after the other on the same checkpoint, bank and volumes; converted models come
-from the engine cache (the first run converts once). docs/benchmarks.md holds the figures.
+A configuration is ENGINE:PRECISION[:dec=PRECISION][:keep=0|1][:OPTION=VALUE…] (OPTION: an InferenceOptions
+field; keep: with --label-job, whether the replica keeps freed memory, default 1 as `vessa label` does).
+One process, one configuration after the other on the same checkpoint, bank and volumes; converted
+models come from the engine cache (the first run converts once). docs/benchmarks.md holds the figures.
 """
 
 from __future__ import annotations
@@ -28,7 +34,22 @@ from shared.calibration import spearman
 from shared.data import open_dataset
 
 ENCODER_GFLOP = 74.9  # LiteMedSAM's TinyViT at 256×256, per slice (docs/performance.md)
-CONFIGS = [("torch", "auto"), ("openvino", "f32"), ("openvino", "bf16")]
+CONFIGS = "torch:f32,openvino:f32,openvino:bf16,openvino:f32:refine_below=0.3"
+
+
+def parse_config(text: str) -> dict:
+    """'openvino:f32:dec=bf16:refine_below=0.3' → engine, precision, decoder precision, options."""
+    engine, precision, *extra = text.split(":")
+    out = {"name": text, "engine": engine, "precision": precision, "decoder": None, "options": {}}
+    for item in extra:
+        key, _, value = item.partition("=")
+        if key == "dec":
+            out["decoder"] = value
+        elif key == "keep":  # --label-job: the replica keeps freed memory (the embedded default's choice)
+            out["keep"] = value == "1"
+        else:
+            out["options"][key] = json.loads(value) if value not in ("", None) else None
+    return out
 
 
 def _flags() -> str:
@@ -50,35 +71,23 @@ def encoder_rate(a: Assistant, images: list[np.ndarray], reps: int) -> float:
     return reps * len(x) / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--bank", type=Path, default=None, help="the bank (default: the checkpoint's)")
-    p.add_argument("--split", default="val")
-    p.add_argument("--limit", type=int, default=None, help="first N volumes (default: all)")
-    p.add_argument("--reps", type=int, default=3, help="encoder batches timed per engine")
-    p.add_argument("--configs", default=",".join(f"{e}:{q}" for e, q in CONFIGS), help="engine:precision,…")
-    p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
-    configs = [tuple(c.split(":")) for c in args.configs.split(",")]
-    ds = open_dataset(args.data)
-    first = ds.read_volume(ds.volume_ids(args.split)[0], args.split)
-    images = [np.ascontiguousarray(first.image[z]) for z in range(min(8, first.image.shape[0]))]
-    bank = _bank_for(EvalSettings(ckpt=args.ckpt, data=args.data, bank=args.bank))
+def _assistant_rows(args, configs: list[dict], bank: Path, images: list[np.ndarray]) -> list[dict]:
     rows = []
-    for engine, precision in configs:
-        a = Assistant.from_files(args.ckpt, bank, device="cpu", engine=engine, engine_precision=precision)
+    for c in configs:
+        a = Assistant.from_files(args.ckpt, bank, device="cpu", engine=c["engine"], engine_precision=c["precision"],
+                                 decoder_precision=c["decoder"], options=c["options"])  # fmt: skip
         enc = encoder_rate(a, images, args.reps)
-        served = a.stats().get("encoder_engine", engine)
+        served = f"{a.stats()['encoder_engine']}/{a.stats()['decoder_engine']}"
         del a
         s = EvalSettings(ckpt=args.ckpt, data=args.data, bank=bank, split=args.split, limit=args.limit, device="cpu",
-                         modes=("templates",), engine=engine, engine_precision=precision)  # fmt: skip
+                         modes=("templates",), engine=c["engine"], engine_precision=c["precision"],
+                         decoder_precision=c["decoder"], **c["options"])  # fmt: skip
         rep = evaluate_assistant(s)
         st = rep["assistant_stats"]
         vols = rep["per_volume"]["templates"]
         rows.append(
             {
+                "config": c["name"],
                 "engine": served,
                 "encoder_slices_per_s": enc,
                 "encoder_gflops": enc * ENCODER_GFLOP,
@@ -92,14 +101,84 @@ def main(argv: list[str] | None = None) -> int:
                 "case_dice": [float(np.mean([c["dice"] for c in v["classes"].values()])) * 100 for v in vols],
             }
         )
-        print(f"{served}: {rows[-1]['label_slices_per_s']:.3f} slices/s, Dice {rows[-1]['mean_dice']:.2f}", flush=True)
+        print(f"{c['name']} ({served}): {rows[-1]['label_slices_per_s']:.3f} slices/s, Dice {rows[-1]['mean_dice']:.2f}", flush=True)
+    return rows
+
+
+def _label_job_rows(args, configs: list[dict], bank: Path, work: Path) -> list[dict]:
+    """Each configuration through `vessa label`'s embedded default, timed from the service's start
+    (replica load, engine compile from the cache) to the last label written, and scored."""
+    from services.labeling.embedded import embedded_service
+    from services.labeling.runner import run_label_job
+    from services.labeling.scoring import score
+    from shared.jobs import JobSpec
+
+    ds = open_dataset(args.data)
+    ids = ds.volume_ids(args.split)[: args.limit]
+    rows = []
+    for i, c in enumerate(configs):
+        out = work / f"job{i}"
+        job = JobSpec(data=str(Path(args.data).resolve()), out=str(out), cases=ids, selection="all")
+        t0 = time.perf_counter()
+        with embedded_service(args.ckpt, bank.resolve(), out / ".service", "litemedsam", "cpu", 1, None,
+                              c["engine"], c["precision"], {**c["options"]}, c.get("keep", True)) as url:  # fmt: skip
+            started = time.perf_counter()
+            summary = run_label_job(job, url)
+            labeled = time.perf_counter()
+        if summary.failed:
+            raise RuntimeError(f"{c['name']}: {summary.failed} cases failed")
+        result = score(out, Path(args.data))
+        cases = sorted(result["cases"], key=lambda r: r["case_id"])
+        rows.append(
+            {
+                "config": c["name"],
+                "engine": c["engine"] + "-" + c["precision"],
+                "start_s": started - t0,
+                "label_s": labeled - started,
+                "slices": summary.slices,
+                "volumes": len(cases),
+                "label_slices_per_s": summary.slices / (labeled - started),
+                "mean_dice": result["summary"]["mean"]["dice"] * 100,
+                "case_confidence": [r["confidence"] or 0.0 for r in cases],
+                "case_dice": [r["mean_dice"] * 100 for r in cases],
+            }
+        )
+        print(f"{c['name']}: vessa label {rows[-1]['label_slices_per_s']:.3f} slices/s (start {rows[-1]['start_s']:.0f} s), Dice {rows[-1]['mean_dice']:.2f}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--bank", type=Path, default=None, help="the bank (default: the checkpoint's)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, default=None, help="first N volumes (default: all)")
+    p.add_argument("--reps", type=int, default=3, help="encoder batches timed per engine")
+    p.add_argument("--configs", default=CONFIGS, help="ENGINE:PRECISION[:dec=P][:OPTION=VALUE],… (the first is the baseline)")
+    p.add_argument("--label-job", action="store_true", help="time `vessa label` (embedded default) instead of the assistant in-process")
+    p.add_argument("--work", type=Path, default=None, help="--label-job: where the jobs write (default: a temporary directory)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    configs = [parse_config(c) for c in args.configs.split(",")]
+    bank = _bank_for(EvalSettings(ckpt=args.ckpt, data=args.data, bank=args.bank))
+    if args.label_job:
+        import tempfile
+
+        rows = _label_job_rows(args, configs, Path(bank), args.work or Path(tempfile.mkdtemp(prefix="vessa-engine-jobs-")))
+    else:
+        ds = open_dataset(args.data)
+        first = ds.read_volume(ds.volume_ids(args.split)[0], args.split)
+        images = [np.ascontiguousarray(first.image[z]) for z in range(min(8, first.image.shape[0]))]
+        rows = _assistant_rows(args, configs, Path(bank), images)
     base = rows[0]
     for r in rows:
         r["speedup_label"] = r["label_slices_per_s"] / base["label_slices_per_s"]
-        r["speedup_encoder"] = r["encoder_slices_per_s"] / base["encoder_slices_per_s"]
+        if "encoder_slices_per_s" in r:
+            r["speedup_encoder"] = r["encoder_slices_per_s"] / base["encoder_slices_per_s"]
         r["dice_minus_eager"] = r["mean_dice"] - base["mean_dice"]
         r["spearman_vs_eager"] = spearman(r["case_confidence"], base["case_confidence"])
-    print(table(rows, _flags(), args))
+    print((job_table if args.label_job else table)(rows, _flags(), args))
     if args.json:
         args.json.write_text(json.dumps({"machine": _flags(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1, default=float))
     return 0
@@ -107,12 +186,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(rows: list[dict], machine: str, args) -> str:
     out = [f"CPU engines — {machine}; {rows[0]['volumes']} {args.split} volumes, {rows[0]['slices']} slices",
-           "engine         enc sl/s  enc GFLOP/s  enc ×   label sl/s  label ×  dec share  Dice    ΔDice  Spearman"]  # fmt: skip
+           "config                                   served               enc sl/s enc GFLOP/s enc ×  label sl/s label ×  dec sl/s dec share  Dice   ΔDice  Spearman"]  # fmt: skip
     for r in rows:
         out.append(
-            f"{r['engine']:<14} {r['encoder_slices_per_s']:8.2f} {r['encoder_gflops']:12.1f} {r['speedup_encoder']:5.2f}"
-            f" {r['label_slices_per_s']:11.3f} {r['speedup_label']:8.2f} {r['decoder_share']:9.0%} {r['mean_dice']:6.2f}"
-            f" {r['dice_minus_eager']:+7.2f} {r['spearman_vs_eager']:9.3f}"
+            f"{r['config']:<40} {r['engine']:<20} {r['encoder_slices_per_s']:8.2f} {r['encoder_gflops']:11.1f} {r['speedup_encoder']:5.2f}"
+            f" {r['label_slices_per_s']:10.3f} {r['speedup_label']:7.2f} {r['decoder_slices_per_s']:9.2f} {r['decoder_share']:9.0%}"
+            f" {r['mean_dice']:6.2f} {r['dice_minus_eager']:+6.2f} {r['spearman_vs_eager']:9.3f}"
+        )
+    return "\n".join(out)
+
+
+def job_table(rows: list[dict], machine: str, args) -> str:
+    out = [f"vessa label (embedded default) — {machine}; {rows[0]['volumes']} {args.split} volumes, {rows[0]['slices']} slices",
+           "config                                   start s  label s  label sl/s  label ×   Dice   ΔDice  Spearman"]  # fmt: skip
+    for r in rows:
+        out.append(
+            f"{r['config']:<40} {r['start_s']:7.0f} {r['label_s']:8.0f} {r['label_slices_per_s']:11.3f} {r['speedup_label']:8.2f}"
+            f" {r['mean_dice']:6.2f} {r['dice_minus_eager']:+6.2f} {r['spearman_vs_eager']:9.3f}"
         )
     return "\n".join(out)
 

@@ -27,7 +27,7 @@ class DataSettings(_Section):
     root: Path = Path("../shared/data/acdc")
     n_labeled: int = Field(3, ge=1, description="labeled patients: the first N of the protocol order")
     image_size: int = Field(256, description="training/inference resolution (multiple of 16)")
-    val_split: str = "val"
+    val_split: str = Field("val", description="validation volumes' split; empty: no validation (the loop of a labeling job)")
     max_val_volumes: int | None = Field(None, description="validate on the first N volumes only")
 
     @model_validator(mode="after")

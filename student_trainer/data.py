@@ -7,7 +7,9 @@ training device. A batch is then an index into those tensors plus a batched augm
 no DataLoader workers, no host-to-device copies per step.
 
 Labels of unlabeled slices are never read: the unlabeled pool of `shared.data.split` only hands out
-`UnlabeledSlice`s (images).
+`UnlabeledSlice`s (images). With `pseudo` (the closed loop of a labeling job, services/labeling/loop.py)
+the unlabeled pool is not even opened: the unlabeled slices are the job's cases, with the job's
+pseudo-labels and per-slice weights (`shared.data.pseudo.PseudoLabeledSlices`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from shared.data.augment import GeometricParams, apply_geometric, sample_geometric
 from shared.data.layouts import open_dataset
+from shared.data.pseudo import PseudoLabeledSlices
 from shared.data.resize import resize_image, resize_label
 from shared.data.split import split_by_patient
 from shared.data.types import ClassInfo
@@ -45,6 +48,10 @@ class TrainingData:
     unlabeled_host: np.ndarray
     unlabeled_keys: list[str]
     unlabeled_patients: list[str]
+    # the closed loop: pseudo-labels (NU, S, S) uint8 and per-slice weights (NU,) float32 of the unlabeled
+    # slices, on the device (None: the protocol's unlabeled pool, whose labels are never read)
+    unlabeled_labels: torch.Tensor | None = None
+    unlabeled_weights: torch.Tensor | None = None
 
     @property
     def num_labeled(self) -> int:
@@ -62,11 +69,13 @@ def load_training_data(
     device: torch.device | str,
     need_unlabeled: bool = True,
     host_size: int | None = None,
+    pseudo: PseudoLabeledSlices | None = None,
 ) -> TrainingData:
     """Read the protocol split of the dataset at `root` into memory (see the module docstring).
 
     `host_size`: the size of the host copy of the unlabeled slices (the canonical slices sent to the
-    assistant, `shared.wire.canonical.CANONICAL_SIZE`); None: the training size."""
+    assistant, `shared.wire.canonical.CANONICAL_SIZE`); None: the training size. `pseudo`: the
+    unlabeled slices are these pseudo-labeled ones (the protocol's unlabeled pool is not read)."""
     ds = open_dataset(root)
     split = split_by_patient(ds, n_labeled)
     size = (image_size, image_size)
@@ -80,6 +89,8 @@ def load_training_data(
     if not l_images:
         raise ValueError(f"no labeled slices for n_labeled={n_labeled} in {root}")
 
+    if pseudo is not None:
+        return _with_pseudo(ds.classes, l_images, l_labels, l_keys, list(split.labeled.patients), pseudo, size, device)
     u_images, u_host_list, u_keys = [], [], []
     if need_unlabeled:
         for item in split.unlabeled:
@@ -101,6 +112,27 @@ def load_training_data(
         unlabeled_host=u_host,
         unlabeled_keys=u_keys,
         unlabeled_patients=list(split.unlabeled.patients),
+    )
+
+
+def _with_pseudo(classes, l_images, l_labels, l_keys, l_patients, pseudo: PseudoLabeledSlices, size, device) -> TrainingData:
+    u_images = [resize_image(im, size) for im in pseudo.images]
+    u_labels = [resize_label(lab, size) for lab in pseudo.labels]
+    u_train = np.stack(u_images).astype(np.float32) if u_images else np.zeros((0, *size), np.float32)
+    u_lab = np.stack(u_labels).astype(np.uint8) if u_labels else np.zeros((0, *size), np.uint8)
+    device = torch.device(device)
+    return TrainingData(
+        classes=list(classes),
+        labeled_images=torch.from_numpy(np.stack(l_images)[:, None]).to(device),
+        labeled_labels=torch.from_numpy(np.stack(l_labels).astype(np.uint8)).to(device),
+        labeled_keys=l_keys,
+        labeled_patients=l_patients,
+        unlabeled_images=torch.from_numpy(u_train[:, None].copy()).to(device),
+        unlabeled_host=u_train,
+        unlabeled_keys=list(pseudo.keys),
+        unlabeled_patients=list(dict.fromkeys(pseudo.cases)),
+        unlabeled_labels=torch.from_numpy(u_lab).to(device),
+        unlabeled_weights=torch.from_numpy(pseudo.weights.astype(np.float32)).to(device),
     )
 
 

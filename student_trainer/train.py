@@ -33,6 +33,7 @@ from torch import nn
 
 from shared.components import largest_connected_component
 from shared.config import save_resolved
+from shared.data.pseudo import PseudoLabeledSlices
 from student_trainer import bcp as bcp_lib
 from student_trainer.assistant_link import AssistantLink
 from student_trainer.bcp_vessa import VessaPseudoLabeler, build_link
@@ -123,9 +124,14 @@ class Trainer:
     """Holds the model, teacher, optimizer, data and RNG state of one training run.
 
     `link`: an AssistantLink for bcp_vessa (overrides `vessa.link`); tests pass a fake one.
+    `pseudo`: the unlabeled slices are these pseudo-labeled ones (a labeling job's closed loop), not the
+    dataset's unlabeled pool. With `data.val_split` empty nothing is validated (no volume's ground
+    truth is read; no best.pt, latest.pt is the result).
     """
 
-    def __init__(self, cfg: TrainSettings, link: AssistantLink | None = None) -> None:
+    def __init__(
+        self, cfg: TrainSettings, link: AssistantLink | None = None, pseudo: PseudoLabeledSlices | None = None
+    ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         if cfg.num_threads:
@@ -146,16 +152,17 @@ class Trainer:
             method.uses_unlabeled,
             # the assistant is asked on canonical host slices
             host_size=cfg.vessa.canonical_size if method.uses_assistant else None,
+            pseudo=pseudo,
         )
-        self.val: ValidationSet = load_validation_set(
-            cfg.data.root, cfg.data.val_split, cfg.data.max_val_volumes
-        )
+        self.val: ValidationSet | None = None
+        if cfg.data.val_split:
+            self.val = load_validation_set(cfg.data.root, cfg.data.val_split, cfg.data.max_val_volumes)
         log.info(
             "data: %d labeled slices (%d patients), %d unlabeled slices, %d validation volumes (%.1fs)",
             self.data.num_labeled,
             len(self.data.labeled_patients),
             self.data.num_unlabeled,
-            len(self.val.volumes),
+            len(self.val.volumes) if self.val is not None else 0,
             time.perf_counter() - t0,
         )
         self.classes = self.data.classes
@@ -266,6 +273,8 @@ class Trainer:
 
     # -- validation and checkpoints ---------------------------------------------------------------
     def _validate(self, phase: Phase) -> float:
+        if self.val is None:  # data.val_split empty: no validation
+            return -1.0
         t0 = time.perf_counter()
         summary = validate(
             self.model,
@@ -482,7 +491,7 @@ class Trainer:
             result["assistant"] = self.vessa.summary()
         if self.static is not None:
             result["graph_step"] = self.static.summary()
-        if cfg.final_eval and (self.out_dir / "best.pt").is_file():
+        if cfg.final_eval and self.val is not None and (self.out_dir / "best.pt").is_file():
             from student_trainer.evaluate import evaluate_checkpoint
 
             report = evaluate_checkpoint(self.out_dir / "best.pt", self.val, self.device, amp=self.amp)

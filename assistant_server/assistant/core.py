@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from assistant_server.assistant.volumes import VolumePrediction
 from assistant_server.bank import TemplateBank, global_descriptor
 from assistant_server.checkpoint import build_model, load_checkpoint
 from assistant_server.embedding_cache import EmbeddingCache
-from assistant_server.engines import EncodeFn, engine_name, select_encoder
+from assistant_server.engines import DecodeFn, EncodeFn, engine_name, select_encoder, select_mask_decoder
 from assistant_server.modeling.foundation import module_state_hash
 from assistant_server.modeling.vessa import VessaConfig, VessaModel, combine_classes
 from assistant_server.precision import autocast
@@ -70,9 +71,11 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         cpu_bf16: bool = False,
         options: InferenceOptions | None = None,
         encode_fn: EncodeFn | None = None,
+        decode_fn: DecodeFn | None = None,
     ):
         """encode_fn: what computes image embeddings in place of `model.encode` (an engine from
-        assistant_server.engines; `from_files` chooses one); None: `model.encode`."""
+        assistant_server.engines; `from_files` chooses one); None: `model.encode`. decode_fn: likewise
+        for SAM's mask decoder (VessaModel.forward's `mask_decoder_fn`); None: the PyTorch module."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
         self.model.requires_grad_(False)
@@ -80,6 +83,14 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         self.classes = classes or bank.classes
         self.encoder_id = module_state_hash(self.model.image_encoder)
         bank.check_compatible(self.classes, self.encoder_id)
+        reworded = bank.differing_texts(self.classes) if classes is not None else []
+        if reworded:
+            warnings.warn(
+                f"template bank {bank.root}: the texts of classes {reworded} differ from those the checkpoint "
+                "was trained with (its text tokens read the bank's embeddings): rebuild the bank from the "
+                "training data or retrain Stage-1 on this bank",
+                stacklevel=2,
+            )
         self.cache = cache or EmbeddingCache(self.device)
         self.model_version = model_version
         self.encode_batch = encode_batch or default_encode_batch(self.device)
@@ -87,6 +98,7 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         self.num_templates = self.options.num_templates or model.config.num_templates
         self.cpu_bf16 = cpu_bf16  # bf16 on the CPU too (assistant_server/precision.py)
         self.encode_fn: EncodeFn = encode_fn or self.model.encode
+        self.decode_fn: DecodeFn | None = decode_fn
         self._bank_state: BankState | None = None
         self._lock = threading.Lock()
         self._stats = {
@@ -116,17 +128,20 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         answer_cache_entries: int = 1024,
         cpu_bf16: bool = False,
         options: dict | None = None,
-        engine: str = "torch",
-        engine_precision: str = "auto",
+        engine: str = "auto",
+        engine_precision: str = "f32",
         engine_cache: str | Path | None = None,
+        decoder_precision: str | None = None,
     ) -> Assistant:
         """ckpt: a checkpoint path; "pretrained" (LiteMedSAM weights, new parts untrained) or "random"
         (random weights: for tests and benchmarks, where speed does not depend on weight values).
         options: InferenceOptions fields overriding the checkpoint's own (`extra["inference"]`).
-        engine: auto | torch | openvino, the frozen encoder's runtime (assistant_server/engines: auto is
-        OpenVINO on a CPU, PyTorch on a GPU; a failing engine falls back to PyTorch with one warning);
-        engine_precision: auto | f32 | bf16 (auto: bf16 where the CPU has it natively); engine_cache:
-        the converted models' directory (default VESSA_ENGINE_CACHE or ~/.cache/vessa/engines)."""
+        engine: auto | torch | openvino, the runtime of the frozen encoder and the mask decoder
+        (assistant_server/engines: auto is OpenVINO on a CPU, PyTorch on a GPU; a failing engine falls back
+        to PyTorch with one warning); engine_precision: f32 | bf16 | auto (auto: bf16 where the CPU has it
+        natively; the default f32 gives the eager path's labels, docs/benchmarks.md); decoder_precision:
+        the decoder's, if not the encoder's; engine_cache: the converted models' directory (default
+        VESSA_ENGINE_CACHE or ~/.cache/vessa/engines)."""
         bank = TemplateBank(bank_dir)
         stored: dict = {}
         if ckpt in (None, "", "pretrained", "random"):
@@ -144,6 +159,9 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         cache = EmbeddingCache(device_t, cache_device_entries, cache_host_entries, cache_store)
         batch = encode_batch or default_encode_batch(device_t)
         encode_fn = select_encoder(model, device_t, engine, batch, engine_precision, engine_cache)
+        decode_fn = select_mask_decoder(
+            model, device_t, engine, decoder_precision or engine_precision, engine_cache
+        )
         return cls(
             model,
             bank,
@@ -156,6 +174,7 @@ class Assistant(VolumePrediction, PromptedSegmentation):
             cpu_bf16,
             opts,
             encode_fn=encode_fn,
+            decode_fn=decode_fn,
         )
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -352,6 +371,7 @@ class Assistant(VolumePrediction, PromptedSegmentation):
                 template_labels=state.label_grid[idx],
                 text_embeddings=state.text,
                 class_ids=ids,
+                mask_decoder_fn=self.decode_fn,
                 **prompts,
             )
 
@@ -365,9 +385,18 @@ class Assistant(VolumePrediction, PromptedSegmentation):
             # The confidence stays the first pass's: with its own answer as the prompt the IoU head sees
             # what looks like a good student mask and rates every refined answer alike (validation
             # volumes: Spearman with true Dice 0.92 for the first pass's confidence, 0.63 for the last's).
-            for _ in range(self.options.refine_passes):
-                probs, _ = self._pass(emb, state, ids, self._as_prompt(probs, ids))
+            rows = self._needs_refinement(conf)
+            for _ in range(self.options.refine_passes if len(rows) else 0):
+                new_probs, _ = self._pass(emb[rows], state, ids, self._as_prompt(probs[rows], ids))
+                probs[rows] = new_probs
         return probs, conf
+
+    def _needs_refinement(self, conf: torch.Tensor) -> torch.Tensor:
+        """Indices of the slices (conf: (B, M) first-pass confidence) that get refinement passes: all,
+        or with `options.refine_below`, those whose least confident requested class is below it."""
+        if self.options.refine_below is None:
+            return torch.arange(len(conf), device=conf.device)
+        return torch.nonzero(conf.amin(1) < float(self.options.refine_below)).flatten()
 
     def _pass(
         self,
@@ -456,4 +485,5 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         s["device"] = str(self.device)
         s["model_version"] = self.model_version
         s["encoder_engine"] = engine_name(self.encode_fn)
+        s["decoder_engine"] = engine_name(self.decode_fn)
         return s

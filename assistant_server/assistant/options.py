@@ -42,6 +42,10 @@ class InferenceOptions:
     refinement passes (one templates-only re-pass when refine_passes is 0): the same patient's anatomy
     and contrast, which no labeled patient has. A slice never retrieves itself. Transductive, label-free:
     only the assistant's own answers are used. 0 turns it off.
+
+    refine_below: refine only the slices whose first-pass confidence (the lowest over the requested
+    classes) is below this; the others keep their first answer and cost one decoder pass instead of
+    1 + refine_passes (docs/benchmarks.md: the time/Dice trade-off). None refines every slice.
     """
 
     refine_passes: int = 0
@@ -51,6 +55,7 @@ class InferenceOptions:
     num_templates: int | None = None
     position_weight: float = 0.0
     volume_templates: int = 0
+    refine_below: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= int(self.refine_passes) <= 4:
@@ -67,6 +72,8 @@ class InferenceOptions:
             raise ValueError(f"position_weight must be in [0, 2], got {self.position_weight}")
         if not 0 <= int(self.volume_templates) <= 64:
             raise ValueError(f"volume_templates must be 0-64, got {self.volume_templates}")
+        if self.refine_below is not None and not 0.0 <= float(self.refine_below) <= 1.0:
+            raise ValueError(f"refine_below must be in [0, 1] or null, got {self.refine_below}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -65,15 +65,21 @@ class VolumePrediction:
                 new_probs, _ = self._volume_pass(emb, state, ids, [None] * len(present), positions, exclude)
                 probs[refine] = new_probs[refine]
         w = float(self.options.volume_context)
+        if refine:  # with options.refine_below, only the slices whose first pass was unsure
+            gated = set(self._needs_refinement(conf).tolist())
+            refine = [j for j in refine if j in gated]
+        rows = torch.tensor(refine, dtype=torch.long, device=self.device)
         for _ in range(self.options.refine_passes if refine else 0):
             prompt = self._as_prompt(probs, ids)
             if w > 0 and len(present) > 1:
                 prev = torch.cat([prompt[:1], prompt[:-1]])
                 nxt = torch.cat([prompt[1:], prompt[-1:]])
                 prompt = (1 - 2 * w) * prompt + w * prev + w * nxt
-            prompts = [prompt[j] for j in range(len(present))]
-            new_probs, _ = self._volume_pass(emb, state, ids, prompts, positions, exclude)
-            probs[refine] = new_probs[refine]  # the confidence stays the first pass's (see _decode)
+            # Only the refined slices go through the decoder again; the others' answers stand.
+            pos = None if positions is None else positions[rows]
+            ex = None if exclude is None else exclude[rows]
+            new_probs, _ = self._volume_pass(emb[rows], state, ids, list(prompt[rows]), pos, ex)
+            probs[rows] = new_probs  # the confidence stays the first pass's (see _decode)
         finished = [
             self._finish(hashes[i], shapes[i], probs[j], conf[j], ids, num_classes, return_probs)
             for j, i in enumerate(present)

@@ -21,55 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from assistant_server.engines.cache import (
-    EngineCacheError,
-    atomic_entry,
-    default_cache_dir,
-    entry_name,
-    remove_entry,
-    verify_entry,
-    write_meta,
-)
+from assistant_server.engines.openvino_runtime import load_or_convert, resolve_precision, save_ir
 from assistant_server.modeling.foundation import IMAGE_SIZE, module_state_hash
 
 log = logging.getLogger(__name__)
 
-XML, BIN = "encoder.xml", "encoder.bin"
-PRECISIONS = ("auto", "f32", "bf16")
+XML = "encoder.xml"  # and encoder.bin beside it
 
 # Conversions done by this process (tests count them: a cached entry must not convert again).
 CONVERSIONS = 0
-_CORE = None
-_CORE_LOCK = threading.Lock()
-
-
-def native_bf16() -> bool:
-    """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX): without it a bf16 hint is emulated
-    and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown engine precision {precision!r}: use one of {PRECISIONS}")
-    if precision == "auto":
-        return "bf16" if native_bf16() else "f32"
-    return precision
-
-
-def _core():
-    """One OpenVINO Core per process (it owns the CPU plugin and its thread pools)."""
-    global _CORE
-    with _CORE_LOCK:
-        if _CORE is None:
-            import openvino as ov
-
-            _CORE = ov.Core()
-        return _CORE
 
 
 def _convert(module: nn.Module, batch: int, entry: Path, key: dict) -> None:
@@ -82,9 +42,7 @@ def _convert(module: nn.Module, batch: int, entry: Path, key: dict) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about TinyViT's shape asserts: expected
         ov_model = ov.convert_model(module, example_input=example)
-    with atomic_entry(entry) as tmp:
-        ov.save_model(ov_model, str(tmp / XML), compress_to_fp16=False)
-        write_meta(tmp, key, [XML, BIN])
+    save_ir(ov_model, entry, key, XML)
     CONVERSIONS += 1
     log.info("converted the image encoder to OpenVINO in %.1f s (%s)", time.perf_counter() - t0, entry)
 
@@ -119,26 +77,9 @@ class OpenVINOEncoder:
             "openvino": ov.get_version(),
             "torch": torch.__version__,
         }
-        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.entry = root / entry_name(**self.key)
-        self.converted = False
-        if not (self.entry / "meta.json").is_file():
-            _convert(module, self.batch, self.entry, self.key)
-            self.converted = True
-        try:
-            verify_entry(self.entry)
-            core = _core()
-            config = {
-                "INFERENCE_PRECISION_HINT": self.precision,
-                "INFERENCE_NUM_THREADS": self.threads,
-                "PERFORMANCE_HINT": "LATENCY",
-            }
-            self.compiled = core.compile_model(core.read_model(str(self.entry / XML)), "CPU", config)
-        except Exception as exc:
-            remove_entry(self.entry)  # the next start converts again instead of failing again
-            if isinstance(exc, EngineCacheError):
-                raise
-            raise EngineCacheError(f"engine cache entry {self.entry} could not be loaded: {exc}") from exc
+        self.entry, self.compiled, self.converted = load_or_convert(
+            self.key, XML, lambda entry: _convert(module, self.batch, entry, self.key), self.precision, self.threads, cache_dir
+        )
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request, reused: calls are serialised
 

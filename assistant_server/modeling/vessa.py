@@ -11,6 +11,7 @@ its text say, so one checkpoint serves any class table with which it was trained
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -118,6 +119,7 @@ class VessaModel(nn.Module):
         sparse_prompts: SparsePrompts | None = None,
         mask_prompt: torch.Tensor | None = None,
         dropout: PromptDropout | None = None,
+        mask_decoder_fn: Callable | None = None,
     ) -> VessaOutput:
         """Predict masks for the foreground classes `class_ids` of each query slice.
 
@@ -125,7 +127,9 @@ class VessaModel(nn.Module):
         class fractions of each template; text_embeddings: (C, 384); student_probs: (B, C, 256, 256)
         softmax over all C classes or None (templates-only); sparse_prompts: explicit prompts for the
         B×M (slice, class) pairs, slice-major, replacing the derived ones; mask_prompt: (B, M, 256, 256)
-        explicit dense prompt probabilities.
+        explicit dense prompt probabilities; mask_decoder_fn: (image embeddings (N, 256, 64, 64), sparse
+        (N, T, 256), dense (N, 256, 64, 64)) → masks (N, 1, 256, 256), iou (N, 1), in place of SAM's
+        decoder (an inference engine: assistant_server/engines), None: the PyTorch module.
         """
         b = query_embeddings.shape[0]
         m = len(class_ids)
@@ -190,12 +194,16 @@ class VessaModel(nn.Module):
 
         # SAM's mask decoder on every (slice, class) pair; the slice's embedding is shared by its classes.
         image_embeddings = query_embeddings.repeat_interleave(m, dim=0)
-        masks, iou = self.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe().to(image_embeddings.dtype),
-            sparse_prompt_embeddings=sparse_embeddings.to(image_embeddings.dtype),
-            dense_prompt_embeddings=dense.to(image_embeddings.dtype),
-        )
+        dtype = image_embeddings.dtype
+        if mask_decoder_fn is not None:
+            masks, iou = mask_decoder_fn(image_embeddings, sparse_embeddings.to(dtype), dense.to(dtype))
+        else:
+            masks, iou = self.mask_decoder.predict_masks(
+                image_embeddings=image_embeddings,
+                image_pe=self.prompt_encoder.get_dense_pe().to(dtype),
+                sparse_prompt_embeddings=sparse_embeddings.to(dtype),
+                dense_prompt_embeddings=dense.to(dtype),
+            )
         logits = masks[:, 0].reshape(b, m, IMAGE_SIZE, IMAGE_SIZE)
         iou = iou[:, 0].reshape(b, m)
         if self.config.use_iou_head:

@@ -14,6 +14,7 @@ Everything is derived from (seed, view, exemplar index): the same bank gives the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +106,11 @@ def build_views(
     seed: int = 0,
     batch_size: int = 8,
     cpu_bf16: bool = False,
+    encode_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Embeddings and labels of views 1..`views` of the bank's exemplars, computed where the store does
     not hold them yet. Returns embeddings (V, N, 256, 64, 64) float16, labels (V, N, 256, 256) uint8 and
-    counts {"encoded", "reused"}."""
+    counts {"encoded", "reused"}. encode_fn: an engine in place of `model.encode`."""
     from assistant_server.precision import autocast
 
     cache = EmbeddingCache(torch.device("cpu"), device_entries=1, host_entries=1, store_dir=store)
@@ -133,7 +135,7 @@ def build_views(
             chunk = missing[start : start + batch_size]
             x = img[chunk].half().float().to(device)[:, None].expand(-1, 3, -1, -1).contiguous()
             with torch.inference_mode(), autocast(device, cpu_bf16):
-                out = model.encode(x).float().cpu()
+                out = (encode_fn or model.encode)(x).float().cpu()
             for j, i in enumerate(chunk):
                 cache.put(keys[i], out[j], (256, 256))
                 emb[i] = out[j].to(torch.float16)

@@ -57,8 +57,10 @@ class EvalSettings(VessaSettings):
     position_weight: float | None = None
     volume_templates: int | None = None
     cpu_bf16: bool = False
-    engine: Literal["auto", "torch", "openvino"] = "torch"  # the encoder's runtime (assistant_server/engines)
-    engine_precision: Literal["auto", "f32", "bf16"] = "auto"  # the engine's precision hint (auto: bf16 where native)
+    refine_below: float | None = None
+    engine: Literal["auto", "torch", "openvino"] = "auto"  # encoder and decoder runtime (assistant_server/engines)
+    engine_precision: Literal["auto", "f32", "bf16"] = "f32"  # f32: the eager path's labels; bf16 where native is faster
+    decoder_precision: Literal["auto", "f32", "bf16"] | None = None  # None: engine_precision
 
     def inference_overrides(self) -> dict:
         return {
@@ -69,6 +71,7 @@ class EvalSettings(VessaSettings):
             "num_templates": self.num_templates,
             "position_weight": self.position_weight,
             "volume_templates": self.volume_templates,
+            "refine_below": self.refine_below,
         }
 
 
@@ -130,6 +133,7 @@ def evaluate_assistant(s: EvalSettings) -> dict:
         cpu_bf16=s.cpu_bf16,
         engine=s.engine,
         engine_precision=s.engine_precision,
+        decoder_precision=s.decoder_precision,
     )
     keep_freed_memory(assistant.device)  # a long batch job: on the CPU, reuse freed blocks
     baselines = _Baselines(assistant)
@@ -248,10 +252,14 @@ def _argmax_back(probs: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
     return restore_size(probs.float(), tuple(shape)).argmax(0).to(torch.uint8).cpu().numpy()
 
 
-def embed_dataset(data: str | Path, store: str | Path, device: str | None = None, batch_size: int = 8) -> int:
-    """Embed every canonical training slice (as the trainer sends it) into a persistent store."""
+def embed_dataset(
+    data: str | Path, store: str | Path, device: str | None = None, batch_size: int = 8, engine: str = "auto"
+) -> int:
+    """Embed every canonical training slice (as the trainer sends it) into a persistent store (engine:
+    the encoder's runtime; on a CPU, OpenVINO at f32 unless "torch")."""
     from assistant_server.checkpoint import build_model
     from assistant_server.embedding_cache import EmbeddingCache
+    from assistant_server.engines import stored_embeddings_encoder
     from assistant_server.modeling.vessa import VessaConfig
     from assistant_server.preprocess import encoder_input
     from shared.data import open_dataset
@@ -260,6 +268,7 @@ def embed_dataset(data: str | Path, store: str | Path, device: str | None = None
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(VessaConfig(), pretrained=True).to(dev).eval()
+    encode = stored_embeddings_encoder(model, dev, engine)
     cache = EmbeddingCache(dev, device_entries=batch_size, store_dir=store)
     ds = open_dataset(data)
     refs = ds.slice_refs()
@@ -271,7 +280,7 @@ def embed_dataset(data: str | Path, store: str | Path, device: str | None = None
         todo = [i for i, k in enumerate(keys) if not cache.contains(k)]
         if todo:
             with torch.inference_mode():
-                emb = model.encode(encoder_input(canon[todo], dev))
+                emb = encode(encoder_input(canon[todo], dev))
             for j, i in enumerate(todo):
                 cache.put(keys[i], emb[j], canon[i].shape)
         done += len(chunk)

@@ -100,6 +100,7 @@ def run_recipe(s: RecipeSettings) -> Path:
             device=s.device,
             batch_size=s.bank_batch_size,
             cpu_bf16=s.bank_cpu_bf16,
+            engine=stage1.engine,
         )
         stamp_path.write_text(json.dumps(stamp))
     path = train_stage1(stage1)

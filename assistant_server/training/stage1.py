@@ -2,6 +2,8 @@
 
 Episodic: each query is a labeled exemplar, its K templates are retrieved from *other* patients'
 exemplars (never its own, so it cannot copy its own label), with some randomness among the nearest 2K.
+With a single labeled patient they come from its other cases (another labeled frame) first, then from
+its own case, but never within SAME_PATIENT_WINDOW slices of the query (template_exclusion).
 Half the episodes carry a simulated student mask as the dense prompt (simulated_student.py), the others
 prompt with templates only; box, points, mask and text prompts are dropped at random. The encoder is
 frozen, so episodes run on the bank's cached embeddings: one encoder pass per exemplar, ever.
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +27,7 @@ from tqdm import tqdm
 
 from assistant_server.assistant.options import InferenceOptions
 from assistant_server.bank import TemplateBank
-from assistant_server.checkpoint import build_model, read_checkpoint, save_checkpoint
+from assistant_server.checkpoint import build_model, load_checkpoint, read_checkpoint, save_checkpoint
 from assistant_server.cpu_memory import keep_freed_memory
 from assistant_server.modeling.foundation import module_state_hash
 from assistant_server.modeling.vessa import PromptDropout, VessaConfig, VessaModel, combine_classes
@@ -82,10 +86,16 @@ class Stage1Settings(VessaSettings):
     save_every: int = 250
     log_every: int = 10
     resume: bool = False
+    # Fine-tuning: start from this checkpoint's weights (a path) at step 0 with a fresh optimizer, instead
+    # of newly initialised ones; "random"/"pretrained" (or None) start as a new run does.
+    init: str | None = None
     threads: int | None = None
     # bf16 autocast on the CPU: about 2x faster where the CPU has native bf16 kernels (AVX512/AMX), but
     # many times slower where it has not (AVX2 only). "auto": on where it is fast (precision.cpu_bf16_fast)
     cpu_bf16: bool = False
+    # The runtime that encodes the augmented views (assistant_server/engines): auto = OpenVINO at f32 on a
+    # CPU (the eager embeddings to ~1e-5, 3x faster), PyTorch on a GPU; training itself is PyTorch.
+    engine: Literal["auto", "torch", "openvino"] = "auto"
     # How the checkpoint is to be served (assistant_server/assistant/options.py), stored in it. The
     # default cleans the classes the bank shows as single blobs: free; +2.4/+3.3 Dice on the synthetic
     # hearts' val/test volumes, and on ACDC +0.2 Dice with HD95 halved (docs/results.md); refinement
@@ -160,16 +170,74 @@ def _loss(
     return {"loss": total, "ce": ce, "dice": dice, "iou_mse": iou_mse}
 
 
-def _candidates(descriptors: torch.Tensor, patients: list[str], k: int) -> torch.Tensor:
-    """For each exemplar, the 2k nearest exemplars of other patients, (N, 2k) indices."""
+#: With one labeled patient, a query's templates come from that patient too, but never from its own case
+#: within this many slices of the query: the slice itself is its own label, and its immediate neighbours
+#: (one slice spacing away: 5-10 mm in a cardiac short-axis stack) are near-copies of its anatomy and
+#: label, so a template from them teaches copying, the shortcut the cross-patient rule shuts with two
+#: or more patients. One slice is the smallest window that removes them; a wider one would leave a short
+#: stack (8-12 slices) with too few templates for its middle slices.
+SAME_PATIENT_WINDOW = 1
+
+
+def template_exclusion(
+    patients: list[str], cases: list[str], slices: list[int], window: int = SAME_PATIENT_WINDOW
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which exemplars may be a query's templates in a Stage-1 episode, and which are preferred.
+
+    Returns (excluded, preferred), both (N, N) bool with rows = queries. With exemplars from two or more
+    patients a query's own patient is excluded (the cross-patient rule) and nothing is preferred. With a
+    single patient, exemplars of the query's own case within `window` slices of it are excluded, and the
+    patient's other cases (e.g. its other labeled frames) are preferred over far slices of its own case.
+    """
+    same_patient = torch.tensor([[p == q for q in patients] for p in patients], dtype=torch.bool)
+    n = len(patients)
+    if len(set(patients)) >= 2:
+        return same_patient, torch.zeros(n, n, dtype=torch.bool)
+    same_case = torch.tensor([[a == b for b in cases] for a in cases], dtype=torch.bool)
+    idx = torch.tensor(slices, dtype=torch.long)
+    near = (idx[:, None] - idx[None, :]).abs() <= window
+    return same_case & near, ~same_case
+
+
+def _candidates(
+    descriptors: torch.Tensor,
+    patients: list[str],
+    cases: list[str],
+    slices: list[int],
+    k: int,
+    window: int = SAME_PATIENT_WINDOW,
+) -> torch.Tensor:
+    """For each exemplar, its 2k template candidates, (N, 2k) indices: the nearest exemplars of other
+    patients; with a single labeled patient, the nearest of the patient's other
+    cases first, then of its own case outside `window` slices of the query (template_exclusion)."""
     sim = descriptors @ descriptors.T
-    same = torch.tensor([[p == q for q in patients] for p in patients], dtype=torch.bool)
-    sim = sim.masked_fill(same, -2.0)
-    others = (~same).sum(1).min().item()
+    excluded, preferred = template_exclusion(patients, cases, slices, window)
+    # Cosine similarities lie in [-1, 1]: +4 puts every preferred exemplar before any other, -8 every
+    # excluded one after all.
+    sim = sim + 4.0 * preferred.float() - 8.0 * excluded.float()
+    others = (~excluded).sum(1).min().item()
     if others == 0:
-        raise ValueError("Stage-1 training needs labeled exemplars from at least two patients")
+        raise ValueError(
+            "Stage-1 training needs, for every labeled slice, a template it may use: another patient's, "
+            f"or with one labeled patient another case's or a slice more than {window} away in its own case"
+        )
     kk = min(2 * k, int(others))
     return sim.topk(kk, dim=1).indices
+
+
+def sample_episodes(
+    pool: torch.Tensor, cands: torch.Tensor, batch_size: int, k: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's episodes: queries drawn from `pool` (exemplar indices), each with k templates drawn at
+    random among its candidates (`_candidates`). Returns queries (B,), templates (B, K) and the picks
+    (B, K) (positions among the candidates, reused for pseudo-labeled queries)."""
+    qi = pool[torch.randint(len(pool), (batch_size,), generator=g).to(pool.device)]
+    n = cands.shape[1]
+    # Fewer candidates than k (a tiny one-patient bank): each candidate is used again, in a random order.
+    reps = -(-k // n)
+    pick = torch.stack([torch.randperm(n, generator=g).repeat(reps)[:k] for _ in range(batch_size)])
+    ti = torch.gather(cands[qi], 1, pick.to(cands.device) % n)  # (B, K)
+    return qi, ti, pick
 
 
 def _pseudo_queries(
@@ -193,8 +261,9 @@ def _pseudo_queries(
     return pt["embedding"], pt["label"].long(), cands
 
 
-def train_stage1(s: Stage1Settings) -> Path:
-    """Run (or resume) Stage-1 training; returns the final checkpoint path."""
+def train_stage1(s: Stage1Settings, progress: Callable[[int, dict], None] | None = None) -> Path:
+    """Run (or resume) Stage-1 training; returns the final checkpoint path. `progress(step, losses)` is
+    called at every logged step (a fine-tune's status)."""
     InferenceOptions.from_dict(s.inference)  # a bad inference section fails now, not after training
     if s.p_student + s.p_self > 1:
         raise ValueError(f"p_student + p_self must be at most 1, got {s.p_student} + {s.p_self}")
@@ -214,7 +283,11 @@ def train_stage1(s: Stage1Settings) -> Path:
         use_iou_head=s.use_iou_head,
     )
     pretrained = s.encoder == "litemedsam"
-    model = build_model(config, pretrained=pretrained, seed=s.seed)
+    if s.init not in (None, "", "random", "pretrained"):
+        model, payload = load_checkpoint(s.init)
+        pretrained = payload["encoder"] == "litemedsam-pretrained"
+    else:
+        model = build_model(config, pretrained=pretrained and s.init != "random", seed=s.seed)
     bank.check_compatible(bank.classes, module_state_hash(model.image_encoder))
     model.to(device)
     model.image_encoder.requires_grad_(False)
@@ -252,9 +325,16 @@ def train_stage1(s: Stage1Settings) -> Path:
     emb_all = t["embedding"].to(device)
     labels_all = t["label"].to(device).long()
     text = bank.text.to(device)
-    cands = _candidates(t["descriptor"].float(), bank.patient_ids(), s.num_templates).to(device)
+    cands = _candidates(
+        t["descriptor"].float(),
+        bank.patient_ids(),
+        [e.case_id for e in bank.exemplars],
+        [e.slice_index for e in bank.exemplars],
+        s.num_templates,
+    ).to(device)
     views_emb, views_lab = None, None
     if s.augment_views:
+        from assistant_server.engines import stored_embeddings_encoder
         from assistant_server.training.augmented_views import build_views
 
         views_emb, views_lab, counts = build_views(
@@ -266,6 +346,7 @@ def train_stage1(s: Stage1Settings) -> Path:
             device,
             seed=s.seed,
             cpu_bf16=s.cpu_bf16,
+            encode_fn=stored_embeddings_encoder(model, device, s.engine),
         )
         print(
             f"augmented views: {s.augment_views} x {len(bank)} exemplars, {counts['encoded']} encoded, {counts['reused']} from the store"
@@ -310,11 +391,7 @@ def train_stage1(s: Stage1Settings) -> Path:
             if (len(fg_idx) and float(torch.rand((), generator=g)) < 0.9)
             else torch.arange(len(bank), device=device)
         )
-        qi = pool[torch.randint(len(pool), (s.batch_size,), generator=g).to(pool.device)]
-        pick = torch.stack(
-            [torch.randperm(cands.shape[1], generator=g)[: s.num_templates] for _ in range(s.batch_size)]
-        )
-        ti = torch.gather(cands[qi], 1, pick.to(device) % cands.shape[1])  # (B, K)
+        qi, ti, pick = sample_episodes(pool, cands, s.batch_size, s.num_templates, g)
         # One view per step: the query and its templates are transformed alike.
         emb_src, lab_src = emb_all, labels_all
         if views_emb is not None and float(torch.rand((), generator=g)) < s.p_augment:
@@ -357,6 +434,8 @@ def train_stage1(s: Stage1Settings) -> Path:
             writer.add_scalar("stage1/lr", opt.param_groups[0]["lr"], step)
             rate = (step + 1 - start) / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{vals['loss']:.3f}", dice=f"{vals['dice']:.3f}", it_s=f"{rate:.2f}")
+            if progress is not None:
+                progress(step + 1, vals)
         if (step + 1) % s.save_every == 0 and step + 1 < s.steps:
             _save(latest, model, bank, s, step + 1, pretrained, opt)
     writer.close()

@@ -44,7 +44,8 @@ import json
 from pathlib import Path
 from assistant_server.text_embedding import class_text, embed_texts
 from shared.data.classes import CARDIAC_CLASSES
-texts = sorted({class_text(c) for c in CARDIAC_CLASSES})
+# the described texts (ACDC layout, synthetic data) and the neutral names (datasets without descriptions)
+texts = sorted({class_text(c) for c in CARDIAC_CLASSES} | {c.name for c in CARDIAC_CLASSES})
 vectors = embed_texts(texts)
 Path(".gpu-models/text_vectors.json").write_text(json.dumps({t: v.tolist() for t, v in zip(texts, vectors)}))
 print(f"{len(texts)} class texts embedded")

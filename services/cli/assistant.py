@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from services.cli.options import ENGINE_HELP, PRECISION_HELP, check_engine, check_engine_precision
+
 bank_app = typer.Typer(
     help="Template banks: build from a dataset's labeled cases, list, remove exemplars.", no_args_is_help=True
 )
@@ -32,11 +34,13 @@ def bank_build(
     encoder: str = typer.Option("litemedsam", help="litemedsam (pretrained) or tiny (tests only)"),
     device: str | None = typer.Option(None, help="cpu, cuda, … (default: cuda if available)"),
     batch_size: int = typer.Option(8, help="slices per encoder batch"),
+    engine: str = typer.Option("auto", "--engine", help="encoder runtime: auto (OpenVINO at f32 on a CPU, PyTorch on a GPU), torch or openvino"),
 ):
     """Build a template bank: every slice of the first N patients becomes an exemplar (text embedded once)."""
     from assistant_server.bank_builder import build_bank
 
-    bank = build_bank(data, labeled, out, encoder=encoder, device=device, batch_size=batch_size)
+    check_engine(engine)
+    bank = build_bank(data, labeled, out, encoder=encoder, device=device, batch_size=batch_size, engine=engine)
     typer.echo(
         f"bank {out}: version {bank.version}, {len(bank)} exemplars from {len(set(bank.patient_ids()))} patients, classes {[c.name for c in bank.classes]}"
     )
@@ -183,7 +187,11 @@ def assistant_eval(
         None, help="override: a volume's K most confident slices as extra templates for its other slices"
     ),
     cpu_bf16: bool = typer.Option(False, "--cpu-bf16", help="bf16 autocast on the CPU"),
-    engine: str = typer.Option("torch", "--engine", help="encoder runtime: torch, openvino, or auto (OpenVINO on a CPU, PyTorch on a GPU)"),
+    engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
+    engine_precision: str = typer.Option("f32", "--engine-precision", help=PRECISION_HELP),
+    refine_below: float | None = typer.Option(
+        None, "--refine-below", help="override: refine only slices whose first-pass confidence is below this"
+    ),
 ):
     """Per-volume, per-class Dice/Jaccard/HD95/ASD for prompting modes and baselines (JSON + table), and how
     well the assistant's confidence ranks the volumes (Spearman vs true Dice, reliability table).
@@ -191,6 +199,8 @@ def assistant_eval(
     from assistant_server.training.evaluate import MODES, EvalSettings, evaluate_assistant
     from shared.calibration import reliability_markdown
 
+    check_engine(engine)
+    check_engine_precision(engine_precision)
     chosen = tuple(m.strip() for m in modes.split(",")) if modes else MODES
     unknown = [m for m in chosen if m not in MODES]
     if unknown:
@@ -215,6 +225,8 @@ def assistant_eval(
         volume_templates=volume_templates,
         cpu_bf16=cpu_bf16,
         engine=engine,
+        engine_precision=engine_precision,
+        refine_below=refine_below,
     )
     report = evaluate_assistant(s)
     typer.echo(report["table"])
@@ -230,11 +242,13 @@ def assistant_embed(
     store: Path = typer.Option(..., "--store", help="embedding store directory"),
     device: str | None = typer.Option(None),
     batch_size: int = typer.Option(8),
+    engine: str = typer.Option("auto", "--engine", help="encoder runtime: auto (OpenVINO at f32 on a CPU, PyTorch on a GPU), torch or openvino"),
 ):
     """Compute and persist the encoder embeddings of a dataset's canonical training slices (CPU runs)."""
     from assistant_server.training.evaluate import embed_dataset
 
-    n = embed_dataset(data, store, device=device, batch_size=batch_size)
+    check_engine(engine)
+    n = embed_dataset(data, store, device=device, batch_size=batch_size, engine=engine)
     typer.echo(f"{n} embeddings in {store}")
 
 

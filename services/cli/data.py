@@ -38,6 +38,7 @@ class SynthSettings(VessaSettings):
     )
     test_cases: int = Field(0, ge=0, description="extra cases written to imagesTs/labelsTs as the test split")
     layout: Literal["msd", "ssl4mis"] = "msd"
+    cine: int = Field(0, ge=0, le=64, description="write 4D cines of this many frames instead (a beating heart, truth per frame)")
 
 
 class PrepareSettings(VessaSettings):
@@ -86,6 +87,9 @@ def synth(
     layout: str | None = typer.Option(
         None, "--layout", help="'msd' (nnU-Net/MSD NIfTI, default) or 'ssl4mis' (HDF5)."
     ),
+    cine: int | None = typer.Option(
+        None, "--cine", help="Write CASES 4D cines of CINE frames (OUT/<case>_4d.nii.gz, truth in OUT/truth/) instead."
+    ),
     config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
     show_config: bool = typer.Option(False, "--show-config", help=_SHOW_HELP),
 ) -> None:
@@ -99,9 +103,26 @@ def synth(
         val_fraction=val_fraction,
         test_cases=test_cases,
         layout=layout,
+        cine=cine,
     )
     if show_config:
         typer.echo(dump_yaml(settings), nl=False)
+        return
+    if settings.cine:
+        from shared.data.cine import write_cine_dataset
+
+        started = time.perf_counter()
+        try:
+            if settings.cine < 2:
+                raise ValueError("--cine needs at least 2 frames")
+            ids = write_cine_dataset(settings.out, settings.cases, settings.cine, settings.seed)
+        except (ValueError, OSError) as exc:
+            _fail(exc)
+        save_resolved(settings, settings.out)
+        typer.echo(
+            f"wrote {len(ids)} synthetic cines of {settings.cine} frames to {settings.out} "
+            f"(ground truth per frame in {Path(settings.out) / 'truth'}) in {time.perf_counter() - started:.1f} s"
+        )
         return
     from shared.data.synth import write_msd_dataset, write_ssl4mis_layout
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import typer
 import yaml
 
+from services.cli.options import ENGINE_HELP, PRECISION_HELP, check_engine, check_engine_precision
+
 DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[1] / "runtime" / "serve_configs" / "serve_cpu.yaml"
 
 
@@ -73,7 +75,8 @@ def serve_cmd(
     port: int | None = typer.Option(None, help="HTTP port (default from the config)"),
     encoder: str | None = typer.Option(None, help="litemedsam or tiny"),
     device: str | None = typer.Option(None, help="cpu or cuda"),
-    engine: str | None = typer.Option(None, "--engine", help="encoder runtime: torch (default), openvino, or auto (OpenVINO on a CPU, PyTorch on a GPU)"),
+    engine: str | None = typer.Option(None, "--engine", help=ENGINE_HELP + " (default: the config's, auto)"),
+    engine_precision: str | None = typer.Option(None, "--engine-precision", help=PRECISION_HELP + " (default: the config's, f32)"),
     stream: bool = typer.Option(
         False,
         "--stream/--no-stream",
@@ -89,12 +92,11 @@ def serve_cmd(
     import ray
     from ray import serve
 
-    from assistant_server.engines import ENGINES
     from services.ingress.app import build_app
     from services.runtime.placement import PlacementError, check_placement
 
-    if engine is not None and engine not in ENGINES:
-        raise typer.BadParameter(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}", param_hint="--engine")
+    check_engine(engine)
+    check_engine_precision(engine_precision)
     cfg = load_serve_config(config)
     args, deployments, http = application_options(
         cfg,
@@ -104,6 +106,7 @@ def serve_cmd(
             "encoder": encoder,
             "device": device,
             "engine": engine,
+            "engine_precision": engine_precision,
         },
         replicas,
         gpus_per_replica,

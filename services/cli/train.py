@@ -39,7 +39,7 @@ def train_command(
     show_config: Annotated[
         bool, typer.Option("--show-config", help="print the resolved config and exit")
     ] = False,
-    method: Annotated[str | None, typer.Option(help="supervised | mean_teacher | bcp | bcp_vessa")] = None,
+    method: Annotated[str | None, typer.Option(help="supervised | mean_teacher | bcp | bcp_vessa (pseudo_labels runs inside `vessa label --rounds K` only)")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", "-o", help="run directory")] = None,
     data_root: Annotated[Path | None, typer.Option("--data", help="dataset directory (data.root)")] = None,
     max_iters: Annotated[int | None, typer.Option(help="(self-)training iterations")] = None,

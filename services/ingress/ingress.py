@@ -10,6 +10,8 @@ Routes (OpenAPI at /docs):
   POST/GET/DELETE /v1/jobs…     labeling jobs over a dataset under data_root (routes/jobs.py)
   GET/POST /v1/jobs/{id}/cases… the review of a job's labels (routes/review.py), the page at /ui/
   GET    /healthz, /readyz      liveness; readiness (a warmed-up replica answered)
+  /info/, /infer/{model}, /datastore/…, /activelearning/{strategy}, /train/, /auth/
+                                MONAI Label's dialect over the same replicas (routes/monailabel.py)
   GET    /metrics               Prometheus text format
 
 Responses that carry an array are `multipart/mixed`: first a JSON part (confidence, versions, shape),
@@ -27,11 +29,11 @@ from ray import serve
 
 from services.ingress.errors import install_error_handlers
 from services.ingress.middleware import GuardMiddleware
-from services.ingress.routes import jobs, pseudo_labels, review, segment, system, templates, ui
+from services.ingress.routes import jobs, monailabel, pseudo_labels, review, segment, system, templates, ui
 from services.ingress.settings import ApiSettings
 from services.ingress.state import IngressState
 
-ROUTERS = (pseudo_labels, segment, templates, system, jobs, review, ui)
+ROUTERS = (pseudo_labels, segment, templates, system, jobs, review, ui, monailabel)
 
 
 def create_app(state: IngressState | None = None) -> FastAPI:

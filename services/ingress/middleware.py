@@ -7,10 +7,12 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.ingress.routes.monailabel import OPEN_PATHS as MONAILABEL_OPEN_PATHS
 from services.ingress.routes.ui import OPEN_PATHS as UI_OPEN_PATHS
 from services.ingress.settings import ApiSettings
 
-OPEN_PATHS = {"/healthz", "/readyz", *UI_OPEN_PATHS}  # the page is only the login form without a token
+# the page is only the login form without a token; MONAI Label's clients ask whether auth is on and log in
+OPEN_PATHS = {"/healthz", "/readyz", *UI_OPEN_PATHS, *MONAILABEL_OPEN_PATHS}
 
 
 class GuardMiddleware:

@@ -20,3 +20,11 @@ class ApiSettings(VessaSettings):
     limits: Limits = Limits()
     data_root: str | None = None  # labeling jobs read datasets only under this directory (None: jobs off)
     job_output_root: str | None = None  # where jobs write (default <data_root>/vessa-labels)
+    # MONAI Label's dialect (docs/monailabel.md): the dataset directory under data_root it serves as its
+    # datastore (None: the datastore routes answer 404), and where it keeps uploads, labels of other
+    # tags and the corrections of images no job labeled (default <job_output_root>/monailabel/<dataset>)
+    monailabel_datastore: str | None = None
+    monailabel_store: str | None = None
+    # PACS a job may read with `dicomweb` (URL prefixes, comma-separated; empty: DICOMweb jobs refused,
+    # so a client cannot make the service fetch from an address of its choosing)
+    dicomweb_allowed: str = ""

@@ -84,10 +84,11 @@ class IngressState:
                 raise bad("the assistant is at capacity; retry later", 503) from None
             raise
 
-    async def classes(self) -> list[dict]:
-        """The served class table, asked once and kept until the bank changes (`forget_classes`)."""
+    async def classes(self, timeout: float | None = None) -> list[dict]:
+        """The served class table, asked once and kept until the bank changes (`forget_classes`); within
+        `timeout` (the calling route's own limit, so a cold replica's first answer is not held to less)."""
         if self._classes is None:
-            self._classes = (await self.call("templates"))["classes"]
+            self._classes = (await self.call("templates", timeout=timeout))["classes"]
         return self._classes
 
     def forget_classes(self) -> None:

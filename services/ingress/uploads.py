@@ -18,6 +18,9 @@ import numpy as np
 from shared.wire.arrays import WireError, check_finite, read_npy
 from shared.wire.protocol import Limits
 
+#: frames of a 4D cine labeled in one request (ACDC's cines have 12-35)
+MAX_CINE_FRAMES = 64
+
 
 class VolumeError(ValueError):
     """An upload that is not a usable image; the message says why."""
@@ -26,7 +29,8 @@ class VolumeError(ValueError):
 @dataclass
 class UploadedVolume:
     """kind: "nifti" or "npy"; slices: (D, H, W) with the through-plane axis first; channels:
-    (D, C, H, W) for a 4D upload (student probabilities) else None; original_shape: the array's shape as
+    (D, C, H, W) for a 4D upload (student probabilities) else None; frames: (T, D, H, W) for a 4D cine
+    (`allow_cine`: the 4th axis is time; `slices` is then frame 0); original_shape: the array's shape as
     uploaded; axis: the through-plane axis in the original array; gz: the upload was gzipped."""
 
     kind: str
@@ -36,6 +40,7 @@ class UploadedVolume:
     image: nib.Nifti1Image | None = None
     gz: bool = False
     channels: np.ndarray | None = None
+    frames: np.ndarray | None = None
 
 
 def _gunzip(data: bytes, limit: int) -> bytes:
@@ -85,8 +90,10 @@ def read_upload(
     limits: Limits,
     is_label: bool = False,
     allow_4d: bool = False,
+    allow_cine: bool = False,
 ) -> UploadedVolume:
-    """Parse an upload by content (magic bytes), not by its name."""
+    """Parse an upload by content (magic bytes), not by its name. A 4D NIfTI is student probabilities
+    with `allow_4d` (classes on the 4th axis), a cine with `allow_cine` (frames on it), else refused."""
     if not data:
         raise VolumeError("the uploaded file is empty")
     if data.startswith(b"\x93NUMPY"):
@@ -101,13 +108,16 @@ def read_upload(
     if arr.dtype.kind not in "biuf":
         raise VolumeError(f"NIfTI voxel type {arr.dtype} is not supported")
     zooms = [float(z) for z in img.header.get_zooms()]
-    channels = None
+    channels = cine = None
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
     if arr.ndim == 4:
-        if not allow_4d:
+        if allow_cine:
+            cine = arr
+        elif not allow_4d:
             raise VolumeError(f"expected a 2D or 3D image, got a 4D NIfTI of shape {arr.shape}")
-        channels = arr
+        else:
+            channels = arr
         arr = arr[..., 0]
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -125,8 +135,20 @@ def read_upload(
     if channels is not None:
         channels = np.moveaxis(np.moveaxis(channels, 3, 0), axis + 1, 0)  # (D, C, H, W)
         channels = np.ascontiguousarray(channels)
+    frames = None
+    if cine is not None:
+        if cine.shape[3] > MAX_CINE_FRAMES:
+            raise VolumeError(f"a cine of {cine.shape[3]} frames, at most {MAX_CINE_FRAMES} per request")
+        frames = _as_float32(np.moveaxis(np.moveaxis(cine, 3, 0), axis + 1, 1), is_label)  # (T, D, H, W)
+        for t, frame in enumerate(frames):
+            try:
+                _check_slices(frame, limits, is_label)
+            except VolumeError as exc:
+                raise VolumeError(f"frame {t}: {exc}") from None
+        frames = np.ascontiguousarray(frames, dtype=np.float32)
+        original_shape = tuple(int(s) for s in cine.shape)
     slices = np.ascontiguousarray(slices, dtype=np.int64 if is_label else np.float32)
-    return UploadedVolume("nifti", slices, original_shape, axis, img, gz, channels)
+    return UploadedVolume("nifti", slices, original_shape, axis, img, gz, channels, frames)
 
 
 def _from_npy(data: bytes, limits: Limits, is_label: bool) -> UploadedVolume:
@@ -178,7 +200,10 @@ def _check_slices(slices: np.ndarray, limits: Limits, is_label: bool) -> None:
 def write_like(upload: UploadedVolume, labels: np.ndarray) -> tuple[bytes, str]:
     """labels: (D, H, W) uint8 in the upload's slice order → NIfTI bytes with the input's affine and
     header (uint8, no scaling), gzipped if the input was, and a file name."""
-    arr = np.moveaxis(labels.astype(np.uint8), 0, upload.axis).reshape(upload.original_shape)
+    if upload.frames is not None:  # a cine's labels (T, D, H, W) → the 4D (X, Y, Z, T) label map
+        arr = np.moveaxis(np.moveaxis(labels.astype(np.uint8), 1, upload.axis + 1), 0, 3)
+    else:
+        arr = np.moveaxis(labels.astype(np.uint8), 0, upload.axis).reshape(upload.original_shape)
     header = upload.image.header.copy()
     header.set_data_dtype(np.uint8)
     out = type(upload.image)(arr, upload.image.affine, header)

@@ -23,11 +23,16 @@ def embedded_service(
     device: str = "cpu",
     replicas: int = 1,
     embed_store: Path | None = None,
-    engine: str = "torch",
+    engine: str = "auto",
+    engine_precision: str = "f32",
+    inference: dict | None = None,
+    keep_freed_memory: bool = True,
 ):
     """Yields the Redis URL of a local service that answers the request stream. embed_store: a
     directory of persisted encoder embeddings the replica reads and fills (`vessa assistant embed`);
-    engine: the replica's encoder runtime (auto | torch | openvino, assistant_server/engines)."""
+    engine, engine_precision: the replica's encoder and decoder runtime (assistant_server/engines);
+    inference: InferenceOptions overrides for the replica (e.g. refine_below); keep_freed_memory: the
+    replica serves this job alone, so it keeps freed memory for reuse (assistant_server/cpu_memory.py)."""
     if ckpt not in ("random", "pretrained") and not Path(ckpt).is_file():
         raise FileNotFoundError(f"assistant checkpoint not found: {ckpt}")
     if not (Path(bank) / "manifest.json").is_file():
@@ -49,7 +54,9 @@ def embedded_service(
         assistant = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0, "runtime_env": all_cores_runtime_env()}}
         if device == "cpu":
             assistant["user_config"] = {"torch_threads": max(1, cores // replicas)}
-        args = {"ckpt": str(ckpt), "bank": str(bank), "encoder": encoder, "device": device, "max_batch_slices": 16, "engine": engine}
+        args = {"ckpt": str(ckpt), "bank": str(bank), "encoder": encoder, "device": device, "max_batch_slices": 16, "engine": engine, "engine_precision": engine_precision, "keep_freed_memory": keep_freed_memory}
+        if inference:
+            args["inference"] = dict(inference)
         if embed_store is not None:
             args["cache_store"] = str(embed_store)
         serve.run(

@@ -59,7 +59,7 @@ class LabelJobActor:
     def _run(self, r: redis.Redis) -> None:
         from services.labeling.outputs import read_records
         from services.labeling.ranking import ranking
-        from services.labeling.runner import LabelRunner
+        from services.labeling.runner import make_runner
 
         job = load_job(r, self.job_id)
         if job is None or job.state in FINAL:
@@ -86,7 +86,13 @@ class LabelJobActor:
             return stop["flag"]
 
         def on_event(kind: str, data: dict) -> None:
-            if kind == "start":
+            if kind == "round":  # a loop job: the round begun, and the finished rounds' table
+                job.round = data["round"]
+                job.rounds = data["table"]
+            elif kind == "start":
+                done_slices["n"] = 0  # each pass of a loop job starts its own counts
+                job.counts.labeled = job.counts.skipped = job.counts.failed = 0
+                job.errors = {}
                 job.counts.cases = data["cases"]
                 job.slices_total = data["slices"]
             elif kind == "case":
@@ -105,7 +111,7 @@ class LabelJobActor:
             job.bank_version = runner.summary.bank_version
             save_job(r, job)
 
-        runner = LabelRunner(spec, self.redis_url, on_event, should_stop, run_id=f"{self.job_id}-{job.runs}")
+        runner = make_runner(spec, self.redis_url, on_event, should_stop, run_id=f"{self.job_id}-{job.runs}")
         try:
             summary = asyncio.run(runner.run())
             job.state = "cancelled" if summary.cancelled else "done"

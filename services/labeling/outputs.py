@@ -3,6 +3,7 @@
     OUT/
       labels/<case>.nii.gz      uint8 label map in the input's geometry (affine and header kept)
       probs/<case>.nii.gz       with --probs: 4D uint8, per-class probability ·255 (background first)
+      seg/<case>.dcm            for a DICOM series: the same label map as a DICOM-SEG referencing it
       records/<case>.json       one record per case: the resume truth (see CaseRecord)
       labels.json, labels.csv   the manifest: the job and every record, rebuilt from records/
 
@@ -40,6 +41,15 @@ class ClassStats(BaseModel):
     volume_ml: float | None = None  # where the voxel spacing is known
 
 
+class FrameStats(BaseModel):
+    """One frame of a 4D cine: its trust and per-class statistics (as a case's)."""
+
+    frame: int
+    confidence: float | None = None
+    classes: dict[str, ClassStats] = Field(default_factory=dict)
+    seg_output: str | None = None  # relative to OUT, a DICOM cine: this frame's DICOM-SEG
+
+
 class CaseRecord(BaseModel):
     case_id: str
     status: str  # "ok" or "failed"
@@ -48,6 +58,7 @@ class CaseRecord(BaseModel):
     input_sha256: str | None = None
     output: str | None = None  # relative to OUT
     probs_output: str | None = None  # relative to OUT, with --probs
+    seg_output: str | None = None  # relative to OUT, for a DICOM input: the DICOM-SEG
     slices: int = 0
     shape: list[int] | None = None
     spacing: list[float] | None = None
@@ -56,6 +67,7 @@ class CaseRecord(BaseModel):
     # per slice (through-plane order) and class (background first): the assistant's confidence, None
     # where a class was not asked for
     slice_confidence: list[list[float | None]] | None = None
+    frames: list[FrameStats] | None = None  # a 4D cine: per frame (slice_confidence is frame-major)
     model_version: str = ""
     bank_version: int = -1
     seconds: float = 0.0
@@ -89,7 +101,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def remove_partials(out: Path) -> int:
     """Delete temporary files a killed run left behind; returns how many."""
     n = 0
-    for folder in (out, out / "labels", out / "probs", out / "records"):
+    for folder in (out, out / "labels", out / "probs", out / "seg", out / "records"):
         if folder.is_dir():
             for p in folder.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
@@ -103,6 +115,10 @@ def label_path(out: Path, case_id: str) -> Path:
 
 def probs_path(out: Path, case_id: str) -> Path:
     return out / "probs" / f"{safe_name(case_id)}.nii.gz"
+
+
+def seg_path(out: Path, case_id: str) -> Path:
+    return out / "seg" / f"{safe_name(case_id)}.dcm"
 
 
 def record_path(out: Path, case_id: str) -> Path:
@@ -128,11 +144,24 @@ def read_records(out: Path) -> dict[str, CaseRecord]:
     return recs
 
 
+def seg_files(rec: CaseRecord) -> list[str]:
+    """A record's DICOM-SEGs (relative to OUT): the case's one, or a DICOM cine's one per frame."""
+    if rec.seg_output:
+        return [rec.seg_output]
+    return [f.seg_output for f in rec.frames or [] if f.seg_output]
+
+
 def is_done(
-    rec: CaseRecord | None, out: Path, sha: str, model_version: str, bank_version: int, probs: bool = False
+    rec: CaseRecord | None,
+    out: Path,
+    sha: str,
+    model_version: str,
+    bank_version: int,
+    probs: bool = False,
+    seg: bool = False,
 ) -> bool:
     """A case needs no new label: same input bytes, same model and bank, and its label file is there
-    (and its probabilities file, when they are asked for)."""
+    (and its probabilities file, when they are asked for; its DICOM-SEG, for a DICOM input)."""
     return (
         rec is not None
         and rec.status == "ok"
@@ -142,10 +171,11 @@ def is_done(
         and rec.output is not None
         and (out / rec.output).is_file()
         and (not probs or (rec.probs_output is not None and (out / rec.probs_output).is_file()))
+        and (not seg or (bool(seg_files(rec)) and all((out / p).is_file() for p in seg_files(rec))))
     )
 
 
-CSV_COLUMNS = ["case_id", "status", "confidence", "slices", "seconds", "model_version", "bank_version", "input", "input_sha256", "output", "error", "probs_output"]
+CSV_COLUMNS = ["case_id", "status", "confidence", "slices", "seconds", "model_version", "bank_version", "input", "input_sha256", "output", "error", "probs_output", "seg_output"]
 
 
 def write_manifest(out: Path, job: dict, records: dict[str, CaseRecord]) -> dict:

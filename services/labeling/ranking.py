@@ -32,19 +32,29 @@ def ranking(records: dict[str, CaseRecord] | list[CaseRecord]) -> list[dict]:
                 "worst_class": min(worst, key=lambda n: worst[n] if worst[n] is not None else -1.0) if worst else None,
                 "classes": {n: s.confidence_mean for n, s in r.classes.items()},
                 "output": r.output,
+                **frame_figures(r),
             }
         )
     return out
 
 
+def frame_figures(rec: CaseRecord) -> dict:
+    """A cine's per-frame figures for the ranking: each frame's confidence and the least trusted frame
+    (`frames`, `worst_frame`); {} for a 3D case."""
+    if not rec.frames:
+        return {}
+    frames = [{"frame": f.frame, "confidence": f.confidence} for f in rec.frames]
+    worst = min(frames, key=lambda f: (f["confidence"] if f["confidence"] is not None else -1.0, f["frame"]))
+    return {"frames": frames, "worst_frame": worst["frame"]}
+
+
 def descriptor(rec: CaseRecord, out: Path) -> np.ndarray:
     """A case's descriptor: the middle slice's 16×16 thumbnail (z-scored) and its label-volume shares."""
-    from services.labeling.cases import CaseInput, read_case
+    from services.labeling.cases import case_input, read_case
     from shared.data.resize import resize_image
 
-    kind = "h5" if rec.input.endswith(".h5") else "nifti"
     try:
-        vol = read_case(CaseInput(rec.case_id, Path(rec.input), kind, False))
+        vol = read_case(case_input(rec.case_id, Path(rec.input)))
         mid = vol.image[vol.image.shape[0] // 2]
         thumb = resize_image(mid, (16, 16)).ravel()
         thumb = (thumb - thumb.mean()) / (thumb.std() + 1e-6)

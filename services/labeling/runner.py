@@ -29,22 +29,32 @@ from pathlib import Path
 
 import numpy as np
 
-from services.labeling.cases import CaseInput, depth, discover, read_case, select
+from services.labeling.cases import (
+    CaseInput,
+    depth,
+    discover,
+    input_sha256,
+    read_case,
+    read_cine_case,
+    select,
+)
 from services.labeling.outputs import (
     CaseRecord,
     ClassStats,
+    FrameStats,
     is_done,
     label_path,
     probs_path,
     read_records,
     remove_partials,
+    seg_files,
+    seg_path,
     write_atomic,
     write_manifest,
     write_record,
 )
 from shared.data.nifti import label_to_nifti_bytes, nifti_to_bytes, probs_to_nifti
 from shared.data.resize import resize_image, resize_label
-from shared.hashing import file_sha256
 from shared.jobs import JobSpec
 from shared.wire.canonical import canonical_slices
 from shared.wire.messages import BULK_STREAM
@@ -66,13 +76,15 @@ class JobSummary:
     errors: dict[str, str] = field(default_factory=dict)
     model_version: str = ""
     bank_version: int = -1
+    stored: int = 0  # DICOM-SEGs stored on the PACS (a DICOMweb job with store_seg)
 
     @property
     def slices_per_s(self) -> float:
         return self.slices / self.seconds if self.seconds > 0 else 0.0
 
 
-Event = Callable[[str, dict], None]  # (kind, data): "start", "case", "done"
+Event = Callable[[str, dict], None]  # (kind, data): "start", "case", "done" (a loop job adds "round")
+Prompt = Callable[[np.ndarray], np.ndarray]  # canonical slices (D, 256, 256) uint8 → student probs (D, C, 256, 256) uint8
 
 
 def class_stats(labels: np.ndarray, conf: np.ndarray, class_ids: list[int], spacing) -> dict[int, ClassStats]:
@@ -106,7 +118,10 @@ def case_confidence(stats: dict[int, ClassStats]) -> float:
 
 class LabelRunner:
     """Works one `JobSpec` (its `out` set) through the stream `request_stream` (default the dispatcher's
-    low-priority lane); `run_id` names this run in the records and the stream client."""
+    low-priority lane); `run_id` names this run in the records and the stream client. `prompt`: a
+    student's softmax for a case's canonical slices, sent with them as the assistant's dense prompt
+    (a round of the closed loop, services/labeling/loop.py); None: templates only. `info`: more keys
+    for the manifest's `job`."""
 
     def __init__(
         self,
@@ -116,6 +131,8 @@ class LabelRunner:
         should_stop: Callable[[], bool] | None = None,
         run_id: str | None = None,
         request_stream: str = BULK_STREAM,
+        prompt: Prompt | None = None,
+        info: dict | None = None,
     ):
         if job.out is None:
             raise ValueError("the job has no output directory (JobSpec.out)")
@@ -130,17 +147,21 @@ class LabelRunner:
         self.class_names: dict[int, str] = {}
         self._last_manifest = 0.0
         self.client = None  # the stream client while the job runs
+        self.prompt = prompt
+        self.info = dict(info or {})
 
     def job_info(self) -> dict:
         j = self.job
         return {
             "job_id": self.run_id,
             "data": str(j.data),
+            "dicomweb": j.dicomweb.model_dump() if j.dicomweb is not None else None,
             "selection": j.selection if not j.cases else "cases",
             "class_ids": j.classes,
             "probs": j.probs,
             "model_version": self.summary.model_version,
             "bank_version": self.summary.bank_version,
+            **self.info,
         }
 
     async def run(self) -> JobSummary:
@@ -151,8 +172,15 @@ class LabelRunner:
         out = Path(j.out)
         out.mkdir(parents=True, exist_ok=True)
         remove_partials(out)
+        if j.dicomweb is not None:  # a study on a PACS: fetched (WADO-RS) into the job's data folder
+            from services.labeling.dicomweb import fetch_study
+
+            src = j.dicomweb
+            await asyncio.to_thread(fetch_study, src.url, src.study, Path(j.data), src.series)
         found = discover(Path(j.data))
-        self.class_names = found.class_names
+        # the layout's names; else the job's (e.g. the bank's, from the CLI); else class_<k>
+        named = {k: v for k, v in found.class_names.items() if k != 0}
+        self.class_names = found.class_names if named or not j.class_names else {0: "background", **j.class_names}
         chosen = select(found, j.cases, j.selection)
         if not chosen:
             raise ValueError(
@@ -180,6 +208,11 @@ class LabelRunner:
             self.summary.seconds = time.perf_counter() - t0
             await client.close()
             write_manifest(out, self.job_info(), self.records)
+        if j.dicomweb is not None and j.dicomweb.store_seg:
+            from services.labeling.dicomweb import store
+
+            segs = [out / p for r in self.records.values() if r.status == "ok" for p in seg_files(r)]
+            self.summary.stored = await asyncio.to_thread(store, j.dicomweb.url, [p for p in segs if p.is_file()])
         self.on_event("done", {"summary": self.summary})
         return self.summary
 
@@ -222,24 +255,87 @@ class LabelRunner:
         out = Path(j.out)
         t0 = time.perf_counter()
         try:
-            sha = await asyncio.to_thread(file_sha256, case.path)
+            sha = await asyncio.to_thread(input_sha256, case)
         except OSError as exc:
             return self._failed(case, None, f"cannot read {case.path.name}: {exc}", t0)
-        if is_done(self.records.get(case.case_id), out, sha, s.model_version, s.bank_version, j.probs):
+        dicom = case.kind == "dicom"
+        if is_done(self.records.get(case.case_id), out, sha, s.model_version, s.bank_version, j.probs, seg=dicom):
             s.skipped += 1
             return None
+        if case.kind == "cine":
+            return await self._label_cine(client, case, sha, t0)
         try:
-            vol = await asyncio.to_thread(read_case, case)
-            canon = await asyncio.to_thread(canonical_slices, list(vol.image))
+            if dicom:  # a series of several temporal positions is a cine
+                frames = await asyncio.to_thread(read_cine_case, case)
+                if len(frames) > 1:
+                    return await self._label_cine(client, case, sha, t0, frames)
+                vol = frames[0]
+            else:
+                vol = await asyncio.to_thread(read_case, case)
         except (ValueError, KeyError, OSError) as exc:
             return self._failed(case, sha, str(exc), t0)
+        labels, confs, probs, model_version, bank_version, error = await self._infer(client, vol.image)
+        if error is not None:
+            return self._failed(case, sha, error, t0)
+        lab256 = np.concatenate(labels)
+        conf = np.concatenate(confs)
+        d, h, w = vol.image.shape
+        label = resize_label(lab256, (h, w)).astype(np.uint8)
+        n_classes = conf.shape[1]
+        class_ids = j.classes or list(range(1, n_classes))
+        stats = class_stats(label, conf, class_ids, vol.spacing)
+        dest = label_path(out, case.case_id)
+        probs_dest = probs_path(out, case.case_id) if j.probs else None
+        seg_dest = seg_path(out, case.case_id) if dicom else None
+        try:
+            if probs_dest is not None:
+                # written before the label map: a label file never stands without the probs asked for
+                await asyncio.to_thread(self._write_probs, np.concatenate(probs), vol, probs_dest)
+            if seg_dest is not None:  # likewise the DICOM-SEG of a DICOM input
+                await asyncio.to_thread(self._write_seg, label, vol, class_ids, model_version, bank_version, seg_dest)
+            data = await asyncio.to_thread(label_to_nifti_bytes, label, vol)
+            await asyncio.to_thread(write_atomic, dest, data)
+        except (ValueError, OSError) as exc:
+            return self._failed(case, sha, f"cannot write the label map: {exc}", t0)
+        rec = CaseRecord(
+            case_id=case.case_id,
+            status="ok",
+            input=str(case.path),
+            input_sha256=sha,
+            output=str(dest.relative_to(out)),
+            probs_output=str(probs_dest.relative_to(out)) if probs_dest is not None else None,
+            seg_output=str(seg_dest.relative_to(out)) if seg_dest is not None else None,
+            slices=d,
+            shape=[int(x) for x in vol.image.shape],
+            spacing=[float(x) for x in vol.spacing] if vol.spacing is not None else None,
+            classes={self.class_names.get(k, f"class_{k}"): v for k, v in stats.items()},
+            confidence=case_confidence(stats),
+            slice_confidence=[[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in conf],
+            model_version=model_version,
+            bank_version=bank_version,
+            seconds=round(time.perf_counter() - t0, 3),
+            run_id=self.run_id,
+            finished_at=time.time(),
+        )
+        await asyncio.to_thread(write_record, out, rec)
+        s.labeled += 1
+        s.slices += d
+        return rec
+
+    async def _infer(self, client, image: np.ndarray):
+        """One volume through the service: (labels, confidences, probs) per request at 256×256, the
+        versions that answered, and the first error (None when every request was answered)."""
+        j, s = self.job, self.summary
+        canon = await asyncio.to_thread(canonical_slices, list(image))
+        prompt = await asyncio.to_thread(self.prompt, canon) if self.prompt is not None else None
         rids = []
         if j.volume_calls and len(canon) <= Limits().max_slices:  # a replica's per-call slice limit
-            rids.append(await client.submit(canon, class_ids=j.classes, return_probs=j.probs, volume=True))
+            rids.append(await client.submit(canon, probs=prompt, class_ids=j.classes, return_probs=j.probs, volume=True))
         else:
             for i in range(0, len(canon), j.batch_slices):
+                part = None if prompt is None else prompt[i : i + j.batch_slices]
                 rids.append(
-                    await client.submit(canon[i : i + j.batch_slices], class_ids=j.classes, return_probs=j.probs)
+                    await client.submit(canon[i : i + j.batch_slices], probs=part, class_ids=j.classes, return_probs=j.probs)
                 )
         labels, confs, probs = [], [], []
         model_version, bank_version = s.model_version, s.bank_version
@@ -261,38 +357,72 @@ class LabelRunner:
                     continue
                 probs.append(res.probs)
             model_version, bank_version = res.model_version, res.bank_version
-        if error is not None:
-            return self._failed(case, sha, error, t0)
-        lab256 = np.concatenate(labels)
-        conf = np.concatenate(confs)
-        d, h, w = vol.image.shape
-        label = resize_label(lab256, (h, w)).astype(np.uint8)
-        n_classes = conf.shape[1]
-        class_ids = j.classes or list(range(1, n_classes))
-        stats = class_stats(label, conf, class_ids, vol.spacing)
+        return labels, confs, probs, model_version, bank_version, error
+
+    async def _label_cine(self, client, case: CaseInput, sha: str, t0: float, frames: list | None = None) -> CaseRecord:
+        """A 4D cine, frame by frame (each frame one volume request, its slices' 3D context within the
+        frame) into one 4D label map; the record's `frames` holds each frame's confidence and classes.
+        `frames`: already read (a DICOM cine series), else read here. A DICOM cine also gets one
+        DICOM-SEG per frame (`seg/<case>_tNN.dcm`, referencing that frame's instances), written
+        before the label map."""
+        from shared.data.cine import cine_labels_to_nifti
+
+        j, s = self.job, self.summary
+        out = Path(j.out)
+        if j.probs:
+            return self._failed(case, sha, "--probs is not supported for a 4D cine", t0)
+        if frames is None:
+            try:
+                frames = await asyncio.to_thread(read_cine_case, case)
+            except (ValueError, KeyError, OSError) as exc:
+                return self._failed(case, sha, str(exc), t0)
+        frame_labels, frame_stats, all_conf = [], [], []
+        model_version, bank_version = s.model_version, s.bank_version
+        for vol in frames:
+            labels, confs, _, model_version, bank_version, error = await self._infer(client, vol.image)
+            if error is not None:
+                return self._failed(case, sha, f"frame {vol.meta['frame']}: {error}", t0)
+            conf = np.concatenate(confs)
+            _, h, w = vol.image.shape
+            label = resize_label(np.concatenate(labels), (h, w)).astype(np.uint8)
+            class_ids = j.classes or list(range(1, conf.shape[1]))
+            stats = class_stats(label, conf, class_ids, vol.spacing)
+            frame_labels.append(label)
+            all_conf.append(conf)
+            frame_stats.append(
+                FrameStats(
+                    frame=int(vol.meta["frame"]),
+                    confidence=case_confidence(stats),
+                    classes={self.class_names.get(k, f"class_{k}"): v for k, v in stats.items()},
+                )
+            )
+        conf = np.concatenate(all_conf)
+        stats = class_stats(np.concatenate(frame_labels), conf, class_ids, frames[0].spacing)
         dest = label_path(out, case.case_id)
-        probs_dest = probs_path(out, case.case_id) if j.probs else None
         try:
-            if probs_dest is not None:
-                # written before the label map: a label file never stands without the probs asked for
-                await asyncio.to_thread(self._write_probs, np.concatenate(probs), vol, probs_dest)
-            data = await asyncio.to_thread(label_to_nifti_bytes, label, vol)
-            await asyncio.to_thread(write_atomic, dest, data)
+            if case.kind == "dicom":
+                for vol, label, fs in zip(frames, frame_labels, frame_stats):
+                    seg_dest = seg_path(out, f"{case.case_id}_t{fs.frame:02d}")
+                    await asyncio.to_thread(self._write_seg, label, vol, class_ids, model_version, bank_version, seg_dest)
+                    fs.seg_output = str(seg_dest.relative_to(out))
+            img = await asyncio.to_thread(cine_labels_to_nifti, frame_labels, frames)
+            await asyncio.to_thread(write_atomic, dest, nifti_to_bytes(img))
         except (ValueError, OSError) as exc:
             return self._failed(case, sha, f"cannot write the label map: {exc}", t0)
+        d = frames[0].image.shape[0]
         rec = CaseRecord(
             case_id=case.case_id,
             status="ok",
             input=str(case.path),
             input_sha256=sha,
             output=str(dest.relative_to(out)),
-            probs_output=str(probs_dest.relative_to(out)) if probs_dest is not None else None,
-            slices=d,
-            shape=[int(x) for x in vol.image.shape],
-            spacing=[float(x) for x in vol.spacing] if vol.spacing is not None else None,
+            slices=d * len(frames),
+            shape=[len(frames), *(int(x) for x in frames[0].image.shape)],
+            spacing=[float(x) for x in frames[0].spacing] if frames[0].spacing is not None else None,
             classes={self.class_names.get(k, f"class_{k}"): v for k, v in stats.items()},
             confidence=case_confidence(stats),
             slice_confidence=[[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in conf],
+            frames=frame_stats,
             model_version=model_version,
             bank_version=bank_version,
             seconds=round(time.perf_counter() - t0, 3),
@@ -301,7 +431,7 @@ class LabelRunner:
         )
         await asyncio.to_thread(write_record, out, rec)
         s.labeled += 1
-        s.slices += d
+        s.slices += rec.slices
         return rec
 
     async def _result(self, client, rid: str):
@@ -314,6 +444,16 @@ class LabelRunner:
             if res is not None or client.stats["answered"] + client.stats["errors"] == answered:
                 return res
             log.info("request %s still queued behind answered ones; waiting on", rid)
+
+    def _write_seg(self, label: np.ndarray, vol, class_ids: list[int], model_version: str, bank_version: int, dest: Path) -> None:
+        from shared.data.dicom_seg import Algorithm, build_seg, seg_bytes
+
+        try:
+            seg = build_seg(label, vol, self.class_names, class_ids, Algorithm(model_version, bank_version))
+            data = seg_bytes(seg)
+        except Exception as exc:  # highdicom's checks raise several types; the case fails, named
+            raise ValueError(f"DICOM-SEG: {exc}") from exc
+        write_atomic(dest, data)
 
     @staticmethod
     def _write_probs(probs256: np.ndarray, vol, dest: Path) -> None:
@@ -344,5 +484,15 @@ class LabelRunner:
         return rec
 
 
+def make_runner(job: JobSpec, redis_url: str, on_event: Event | None = None, should_stop=None, run_id: str | None = None):
+    """The job's runner: a `LabelRunner`, or for `rounds` > 0 the closed loop (`LoopRunner`), which has
+    the same interface (`run()`, `summary`)."""
+    if job.rounds > 0:
+        from services.labeling.loop import LoopRunner
+
+        return LoopRunner(job, redis_url, on_event, should_stop, run_id=run_id)
+    return LabelRunner(job, redis_url, on_event, should_stop, run_id=run_id)
+
+
 def run_label_job(job: JobSpec, redis_url: str, on_event: Event | None = None, should_stop=None) -> JobSummary:
-    return asyncio.run(LabelRunner(job, redis_url, on_event, should_stop).run())
+    return asyncio.run(make_runner(job, redis_url, on_event, should_stop).run())

@@ -51,6 +51,34 @@ def _load_pair(rec: CaseRecord, out: Path, where: tuple[str, Path]) -> tuple[np.
     return pred, gt
 
 
+def _score_cine(rec: CaseRecord, out: Path, where: tuple[str, Path]) -> list[dict]:
+    """A cine's frames against a 4D ground truth (x, y, z, t): one entry per frame, `<case>_tNN`."""
+    import nibabel as nib
+
+    from shared.data.nifti import through_plane_axes
+
+    kind, path = where
+    if kind != "nifti":
+        raise ValueError("a cine's ground truth must be a 4D NIfTI")
+    pred_img, gt_img = nib.load(str(out / rec.output)), nib.load(str(path))
+    pred = np.rint(np.asanyarray(pred_img.dataobj)).astype(np.uint8)
+    gt = np.rint(np.asanyarray(gt_img.dataobj)).astype(np.uint8)
+    if pred.shape != gt.shape or pred.ndim != 4:
+        raise ValueError(f"4D label shape {pred.shape} differs from the ground truth's {gt.shape}")
+    axes = through_plane_axes(tuple(float(z) for z in pred_img.header.get_zooms()[:3]))
+    classes = [ClassInfo(s.index, name) for name, s in sorted(rec.classes.items(), key=lambda kv: kv[1].index) if s.index]
+    spacing = rec.spacing if rec.spacing and len(rec.spacing) == 3 else None
+    frames = {f.frame: f for f in rec.frames or []}
+    entries = []
+    for t in range(pred.shape[3]):
+        m = evaluate_volume(np.transpose(pred[..., t], axes), np.transpose(gt[..., t], axes), classes, spacing, f"{rec.case_id}_t{t:02d}")
+        m["confidence"] = frames[t].confidence if t in frames else rec.confidence
+        m["mean_dice"] = float(np.mean([c["dice"] for c in m["classes"].values()])) if m["classes"] else 0.0
+        m["frame"] = t
+        entries.append(m)
+    return entries
+
+
 def score(out: Path, truth: Path) -> dict:
     """Scores of every labeled case that has a ground truth; written to OUT/score.json."""
     records = {k: r for k, r in read_records(out).items() if r.status == "ok" and r.output}
@@ -61,6 +89,12 @@ def score(out: Path, truth: Path) -> dict:
         where = truth_of(truth, case_id)
         if where is None:
             skipped[case_id] = "no ground truth"
+            continue
+        if rec.frames is not None:  # a 4D cine: every frame scored on its own
+            try:
+                per_case += _score_cine(rec, out, where)
+            except (ValueError, OSError) as exc:
+                skipped[case_id] = str(exc)
             continue
         try:
             pred, gt = _load_pair(rec, out, where)

@@ -1,7 +1,10 @@
-"""Class tables: label index, short name and a one-line anatomical description per class.
+"""Class tables: label index, short name and an optional one-line description per class.
 
-The descriptions are meant to be read by people and by the language side of the assistant, so they
-say what the structure looks like on short-axis cine MRI, not just what it is.
+A class's text (its name, and its description when there is one) is what the language side of the
+assistant reads. Descriptions come from the dataset itself (the SSL4MIS ACDC layout defines its own,
+CARDIAC_CLASSES; an MSD/nnU-Net dataset may give them in dataset.json or a classes.json,
+shared/data/msd_layout.py) or are absent: a class is then just its name. No dataset's descriptions are
+lent to another's classes by name.
 """
 
 from __future__ import annotations
@@ -32,37 +35,67 @@ CARDIAC_CLASSES: list[ClassInfo] = [
     ),
 ]
 
-# Names by which cardiac classes appear in other datasets' label tables (lower case).
-_CARDIAC_ALIASES = {
-    "background": 0,
-    "bg": 0,
-    "rv": 1,
-    "right ventricle": 1,
-    "right_ventricle": 1,
-    "myo": 2,
-    "myocardium": 2,
-    "lv myocardium": 2,
-    "lv": 3,
-    "left ventricle": 3,
-    "left_ventricle": 3,
-}
+
+def parse_descriptions(table: dict | list, names: dict[int, str], where: str = "") -> dict[int, str]:
+    """{index: description} from a dataset's own class descriptions.
+
+    `table` is either {name or "index": description} (dataset.json's "label_descriptions", or a
+    classes.json mapping) or a list of {"index" and/or "name", "description"} (the bank manifest's and
+    `vessa data prepare`'s class table). Every entry must name a class of `names` (a description of a class
+    the dataset does not have is another dataset's: refused, never matched loosely).
+    """
+    by_name = {n: i for i, n in names.items()}
+    items: list[tuple[object, object]]
+    if isinstance(table, dict):
+        items = list(table.items())
+    elif isinstance(table, list):
+        items = []
+        for d in table:
+            if not isinstance(d, dict) or ("index" not in d and "name" not in d):
+                raise ValueError(f"{where}: class entries need an 'index' or a 'name', got {d!r}")
+            if "index" in d and "name" in d and names.get(int(d["index"])) != d["name"]:
+                raise ValueError(
+                    f"{where}: class {d['index']} is {names.get(int(d['index']))!r}, not {d['name']!r}"
+                )
+            items.append((d["index"] if "index" in d else d["name"], d.get("description", "")))
+    else:
+        raise ValueError(
+            f"{where}: class descriptions must be a mapping or a list, got {type(table).__name__}"
+        )
+    out: dict[int, str] = {}
+    for key, text in items:
+        if isinstance(key, str) and key in by_name:
+            idx = by_name[key]
+        elif (isinstance(key, int) and not isinstance(key, bool)) or (
+            isinstance(key, str) and key.lstrip("-").isdigit()
+        ):
+            idx = int(key)
+            if idx not in names:
+                raise ValueError(
+                    f"{where}: a description for class index {idx}, which the labels do not have"
+                )
+        else:
+            raise ValueError(
+                f"{where}: a description for class {key!r}, which the labels ({sorted(by_name)}) do not have"
+            )
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: the description of class {key!r} must be a string")
+        out[idx] = text.strip()
+    return out
 
 
-def describe_class(name: str) -> str:
-    """The cardiac description of a class called `name` (case-insensitive), or "" when unknown."""
-    idx = _CARDIAC_ALIASES.get(name.strip().lower())
-    return CARDIAC_CLASSES[idx].description if idx is not None else ""
-
-
-def classes_from_names(names: dict[int, str]) -> list[ClassInfo]:
-    """A class table from {index: name}, sorted by index, with cardiac descriptions where names match.
+def classes_from_names(names: dict[int, str], descriptions: dict[int, str] | None = None) -> list[ClassInfo]:
+    """A class table from {index: name}, sorted by index, with the dataset's own descriptions where it
+    gives them and none otherwise: a class is then its name alone ("background" is plain "background").
+    No other dataset's text is ever filled in by name.
 
     Raises ValueError unless the indices are 0..K-1 (label maps index classes densely).
     """
     indices = sorted(names)
     if indices != list(range(len(indices))):
         raise ValueError(f"class indices must be 0..K-1 without gaps, got {indices}")
-    return [ClassInfo(i, names[i], describe_class(names[i])) for i in indices]
+    descriptions = descriptions or {}
+    return [ClassInfo(i, names[i], descriptions.get(i, "")) for i in indices]
 
 
 def classes_to_json(classes: list[ClassInfo]) -> list[dict]:

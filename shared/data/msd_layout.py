@@ -2,7 +2,10 @@
 
     root/
       dataset.json              labels ({"background": 0, ...} nnU-Net v2, or {"0": "background"} MSD),
-                                channel_names (v2) or modality (MSD): one channel only
+                                channel_names (v2) or modality (MSD): one channel only, optional
+                                label_descriptions ({name or index: one-line description})
+      classes.json              optional, when dataset.json has no label_descriptions: the same mapping,
+                                or a list of {"index"/"name", "description"}
       imagesTr/<case>_0000.nii.gz   (MSD: imagesTr/<case>.nii.gz)
       labelsTr/<case>.nii.gz
       imagesTs/, labelsTs/      optional test images / labels
@@ -12,7 +15,8 @@ Training slices are the 2D slices along each training volume's through-plane axi
 in case order (the order of splits.json "train", else sorted case ids), slice index ascending. Without
 splits.json every imagesTr case is a training case and there is no 'val' split; 'test' then means the
 imagesTs cases. The patient of a case is the case itself unless dataset.json maps it in "patients"
-({case: patient}).
+({case: patient}). A class's text for the assistant is its name plus its description from
+label_descriptions or classes.json, or its name alone (shared/data/classes.py).
 
 Image volumes are min-max normalised per volume and cached in memory once read. Label volumes are
 opened only by `read_labeled` and `read_volume(with_label=True)`; `read_unlabeled` never opens a
@@ -28,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from shared.data.base import SliceDataset, check_split, slice_key
-from shared.data.classes import classes_from_names
+from shared.data.classes import classes_from_names, parse_descriptions
 from shared.data.nifti import load_label_nifti, load_nifti, nifti_geometry, normalize_minmax
-from shared.data.types import LabeledSlice, SliceRef, UnlabeledSlice, Volume
+from shared.data.types import ClassInfo, LabeledSlice, SliceRef, UnlabeledSlice, Volume
 
 _ENDINGS = (".nii.gz", ".nii")
 
@@ -48,6 +52,23 @@ def parse_labels(labels: dict) -> dict[int, str]:
                 f"unsupported label entry {key!r}: {value!r} (region-based labels are not supported)"
             )
     return out
+
+
+CLASSES_FILE = "classes.json"
+
+
+def read_classes(root: Path, meta: dict) -> list[ClassInfo]:
+    """The class table: names from dataset.json's "labels"; descriptions from its optional
+    "label_descriptions" ({name or index: text}) or, failing that, from `classes.json` beside it (the same
+    mapping, or a list of {"index"/"name", "description"}); a class with neither is its name alone."""
+    names = parse_labels(meta["labels"])
+    if "label_descriptions" in meta:
+        table, where = meta["label_descriptions"], f"{root / 'dataset.json'} label_descriptions"
+    elif (root / CLASSES_FILE).is_file():
+        table, where = json.loads((root / CLASSES_FILE).read_text()), str(root / CLASSES_FILE)
+    else:
+        return classes_from_names(names)
+    return classes_from_names(names, parse_descriptions(table, names, where))
 
 
 def _case_files(folder: Path) -> dict[str, Path]:
@@ -86,7 +107,7 @@ class MSDDataset(SliceDataset):
         self.name = str(self.meta.get("name") or self.root.resolve().name)
         if "labels" not in self.meta:
             raise ValueError(f"{meta_path} has no 'labels' table")
-        self.classes = classes_from_names(parse_labels(self.meta["labels"]))
+        self.classes = read_classes(self.root, self.meta)
         channels = self.meta.get("channel_names") or self.meta.get("modality") or {"0": "image"}
         if len(channels) != 1:
             raise ValueError(

@@ -39,7 +39,7 @@ def _sizeof_hdr(data: bytes) -> int | None:
     return None
 
 
-def nifti_from_bytes(data: bytes, filename_hint: str | None = None) -> nib.Nifti1Image:
+def nifti_from_bytes(data: bytes, filename_hint: str | None = None, allow_4d: bool = False) -> nib.Nifti1Image:
     """Parse `.nii` or gzipped `.nii.gz` bytes (gzip detected by its magic) into a nibabel image.
 
     Checks the NIfTI magic, that the file holds all the voxel data its header promises, and that the
@@ -83,7 +83,8 @@ def nifti_from_bytes(data: bytes, filename_hint: str | None = None) -> nib.Nifti
     shape = tuple(int(s) for s in img.shape)
     if any(s <= 0 for s in shape):
         raise ValueError(f"invalid NIfTI{where}: empty dimension in shape {shape}")
-    _check_dims(shape, where)
+    if not (allow_4d and len(shape) == 4):  # a cine (shared/data/cine.py) reads 4D on purpose
+        _check_dims(shape, where)
     itemsize = np.dtype(hdr.get_data_dtype()).itemsize
     # The image's header copy has vox_offset reset; the array proxy keeps the file's offset.
     offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))

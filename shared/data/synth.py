@@ -107,8 +107,11 @@ def _smooth_field(
     return ((field - field.mean()) / max(float(field.std()), 1e-6)).astype(np.float32)
 
 
-def synth_case(seed: int, index: int, case_id: str | None = None) -> SynthCase:
-    """Generate case `index` of `seed` (see the module docstring). Deterministic in (seed, index)."""
+def synth_case(seed: int, index: int, case_id: str | None = None, phase: float | None = None) -> SynthCase:
+    """Generate case `index` of `seed` (see the module docstring). Deterministic in (seed, index).
+
+    `phase` (the contraction: 0 end-diastole .. 1 end-systole) overrides the case's own random phase, all else equal:
+    the frames of a cine (`synth_cine`)."""
     if seed < 0 or index < 0:
         raise ValueError("seed and index must be non-negative")
     rng = np.random.default_rng([int(seed), int(index), GENERATOR_VERSION])
@@ -213,7 +216,8 @@ def synth_case(seed: int, index: int, case_id: str | None = None) -> SynthCase:
     disc(ao[0], ao[1], rng.uniform(9, 13), aorta_i)
 
     # -- heart (evaluated in a box around it) -------------------------------------------------------
-    contraction = rng.uniform(0.0, 1.0)  # 0 end-diastole .. 1 end-systole
+    drawn = rng.uniform(0.0, 1.0)  # 0 end-diastole .. 1 end-systole (drawn always: the stream stays aligned)
+    contraction = drawn if phase is None else float(np.clip(phase, 0.0, 1.0))
     r_cav = rng.uniform(18, 27) * (1.0 - 0.35 * contraction)
     thick = rng.uniform(6.0, 9.5) * (1.0 + 0.45 * contraction)
     ecc = rng.uniform(0.85, 1.0)
@@ -362,6 +366,8 @@ def write_msd_dataset(
         "tensorImageSize": "3D",
         "channel_names": {"0": "MRI"},
         "labels": {c.name: c.index for c in CARDIAC_CLASSES},
+        # The class texts of this dataset's own structures (shared/data/msd_layout.py reads them).
+        "label_descriptions": {c.name: c.description for c in CARDIAC_CLASSES},
         "numTraining": cases,
         "numTest": test_cases,
         "file_ending": ".nii.gz",

@@ -6,10 +6,11 @@ from student_trainer.methods.base import TrainingMethod
 from student_trainer.methods.bcp import BCPMethod
 from student_trainer.methods.bcp_vessa import BCPVessaMethod
 from student_trainer.methods.mean_teacher import MeanTeacherMethod
+from student_trainer.methods.pseudo_labels import PseudoLabelMethod
 from student_trainer.methods.supervised import SupervisedMethod
 
 METHODS: dict[str, type[TrainingMethod]] = {
-    m.name: m for m in (SupervisedMethod, MeanTeacherMethod, BCPMethod, BCPVessaMethod)
+    m.name: m for m in (SupervisedMethod, MeanTeacherMethod, BCPMethod, BCPVessaMethod, PseudoLabelMethod)
 }
 
 

@@ -2,7 +2,11 @@
 service: a real Serve ingress with the API token set, a real labeling job (runner actor, dispatcher,
 redis-server) finished over REST, then everything a reviewer does, checked back through the REST API.
 
-Screenshots of the three views go to $VESSA_REVIEW_SCREENSHOTS when it is set (docs/review.md)."""
+A second job over a 4D synthetic cine checks the viewer's frame control: the page shows frame t's image
+and label, pixel for pixel the overlay rendered here from the cine and its (corrected) 4D label.
+
+Screenshots of the three views (and review_cine.png, the cine viewer) go to $VESSA_REVIEW_SCREENSHOTS
+when it is set (docs/review.md, docs/dicom.md)."""
 
 from __future__ import annotations
 
@@ -224,3 +228,138 @@ def test_review_routes_refuse_bad_input_with_4xx(review_service, tmp_path):
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert http.get(f"{base}/thumbnail.png").status_code == 200
     http.close()
+
+
+CINE_FRAMES, CINE_DEPTH = 4, 4
+
+
+def _shown_pixels(page) -> np.ndarray:
+    """The slice image the page shows, decoded by the browser: (H, W, 3) uint8."""
+    page.wait_for_function("() => { const i = document.getElementById('slice-img'); return i.complete && i.naturalWidth > 0; }")
+    w, h, data = page.evaluate(
+        """() => { const i = document.getElementById('slice-img'); const c = document.createElement('canvas');
+        c.width = i.naturalWidth; c.height = i.naturalHeight; const x = c.getContext('2d'); x.drawImage(i, 0, 0);
+        return [c.width, c.height, Array.from(x.getImageData(0, 0, c.width, c.height).data)]; }"""
+    )
+    return np.asarray(data, np.uint8).reshape(h, w, 4)[..., :3]
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
+
+
+def test_review_page_steps_through_a_cine_frame_by_frame(review_service, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from services.labeling.cases import case_input, read_cine_case
+    from services.labeling.render import overlay
+    from shared.data.cine import load_cine_labels, write_cine_dataset
+
+    expect.set_options(timeout=30_000)
+    svc, client = review_service, review_service["client"]
+    shots = Path(os.environ["VESSA_REVIEW_SCREENSHOTS"]) if os.environ.get("VESSA_REVIEW_SCREENSHOTS") else None
+    folder = svc["base"] / "data" / "cine"
+    (cid,) = write_cine_dataset(folder, cases=1, frames=CINE_FRAMES, depth=CINE_DEPTH)
+    job = client.label_dataset("cine", selection="all", batch_slices=4)
+    job_id = job["job_id"]
+    done = client.wait_job(job_id, timeout=600, poll_s=0.5)
+    assert done["state"] == "done" and done["counts"]["labeled"] == 1, done
+
+    # The case list and the ranking carry each frame's confidence and the least trusted frame.
+    (row,) = client.job_cases(job_id)["cases"]
+    assert [f["frame"] for f in row["frames"]] == list(range(CINE_FRAMES))
+    conf = {f["frame"]: f["confidence"] for f in row["frames"]}
+    assert row["worst_frame"] == min(conf, key=lambda t: (conf[t], t))
+    (ranked,) = client.job_ranking(job_id)["ranking"]
+    assert ranked["worst_frame"] == row["worst_frame"] and len(ranked["frames"]) == CINE_FRAMES
+    shown = {s["index"] for s in row["classes"].values()}
+
+    # What frame t, slice z must look like once the ground truth is uploaded as the correction.
+    frames = read_cine_case(case_input(cid, folder / f"{cid}.nii.gz"))
+    truth = load_cine_labels(folder / "truth" / f"{cid}.nii.gz", frames)
+    z = CINE_DEPTH // 2
+
+    def expected(t: int) -> np.ndarray:
+        return overlay(frames[t].image[z], truth[t][z], 0.45, shown, 0.5, 1.0)
+
+    # the beating heart: frames 0 and 2 differ in image and in label at this slice
+    assert not np.array_equal(frames[0].image[z], frames[2].image[z])
+    assert not np.array_equal(truth[0][z], truth[2][z])
+    assert not _same(expected(0), expected(2))
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(svc["url"] + f"/ui/#/jobs/{job_id}")
+        page.fill("#token", TOKEN)
+        page.click("#login-form button")
+        case_row = page.locator(f"#cases tr[data-case='{cid}']")
+        expect(case_row).to_contain_text(f"{CINE_FRAMES} frames · worst t={row['worst_frame']}")
+        expect(case_row.locator("img.thumb[src^='blob:']")).to_have_count(1)
+        case_row.locator("a").click()
+
+        # The viewer opens on the least trusted frame, with a frame control.
+        img = page.locator("#slice-img")
+        expect(page.locator("#frame-nav")).to_be_visible()
+        expect(img).to_have_attribute("data-t", str(row["worst_frame"]))
+        expect(page.locator("#slice-conf tbody tr")).to_have_count(CINE_DEPTH)
+
+        # Correct the whole cine with its ground truth (a 4D NIfTI), as an expert would.
+        page.set_input_files("#label-file", str(folder / "truth" / f"{cid}.nii.gz"))
+        page.click("#upload-form button")
+        expect(page.locator("#review-state")).to_have_text("corrected (v1)")
+
+        page.locator("#frame").evaluate("el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
+        page.locator("#slice").evaluate(f"el => {{ el.value = '{z}'; el.dispatchEvent(new Event('input')); }}")
+        page.evaluate("document.activeElement.blur()")
+        expect(img).to_have_attribute("data-t", "0")
+        expect(img).to_have_attribute("data-z", str(z))
+        expect(page.locator("#frame-label")).to_contain_text(f"frame 1 / {CINE_FRAMES}")
+        assert _same(_shown_pixels(page), expected(0))
+
+        # ] and → step forward in time, [ and ← back; the slice stays; the image and label are frame t's.
+        page.keyboard.press("]")
+        expect(img).to_have_attribute("data-t", "1")
+        page.keyboard.press("ArrowRight")
+        expect(img).to_have_attribute("data-t", "2")
+        expect(img).to_have_attribute("data-z", str(z))
+        expect(page.locator("#frame-label")).to_contain_text(f"frame 3 / {CINE_FRAMES}")
+        at2 = _shown_pixels(page)
+        assert _same(at2, expected(2)) and not _same(at2, expected(0))
+        page.keyboard.press("ArrowLeft")
+        expect(img).to_have_attribute("data-t", "1")
+        assert _same(_shown_pixels(page), expected(1))
+        page.click("#next-frame")
+        page.click("#next-frame")
+        expect(img).to_have_attribute("data-t", "3")
+        page.keyboard.press("]")  # past the last frame: stays
+        expect(img).to_have_attribute("data-t", "3")
+        page.click("#prev-frame")
+        expect(img).to_have_attribute("data-t", "2")
+        # ↑/↓ still step slices within the frame; the confidence rows are the frame's
+        page.keyboard.press("ArrowDown")
+        expect(img).to_have_attribute("data-z", str(z - 1))
+        expect(img).to_have_attribute("data-t", "2")
+        expect(page.locator("#slice-conf tbody tr.current")).to_have_attribute("data-z", str(z - 1))
+        page.keyboard.press("ArrowUp")
+        expect(img).to_have_attribute("data-z", str(z))
+        if shots:
+            page.screenshot(path=str(shots / "review_cine.png"))
+        assert not errors, errors
+        browser.close()
+
+    # Over REST: frames outside the cine are 404, a 3D correction of a cine a 400, a cine is not banked.
+    http = httpx.Client(base_url=svc["url"], headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)
+    base = f"/v1/jobs/{job_id}/cases/{cid}"
+    assert http.get(f"{base}/slices/0.png", params={"t": CINE_FRAMES}).status_code == 404
+    assert http.get(f"{base}/slices/0.png", params={"t": CINE_FRAMES - 1}).status_code == 200
+    flat = tmp_path / "flat.nii.gz"
+    src = nib.load(folder / f"{cid}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(src.shape[:3], np.uint8), src.affine), flat)
+    r = http.post(f"{base}/label", files={"file": ("flat.nii.gz", flat.read_bytes(), "application/gzip")})
+    assert r.status_code == 400 and f"{CINE_FRAMES} frames" in r.json()["detail"], r.text
+    http.close()
+    res = client.add_job_to_bank(job_id)
+    assert res["added"] == {} and "cine" in res["skipped"][cid]

@@ -74,8 +74,16 @@ def _accepted(body: JobSpec, job_id: str, state: IngressState) -> JobSpec:
     if body.out is not None:
         raise bad("out is chosen by the service (job_output_root/<job id>): leave it out")
     settings = state.settings
-    data = confine(body.data, settings.data_root)
     out_root = Path(settings.job_output_root or Path(settings.data_root) / "vessa-labels").resolve()
+    if body.dicomweb is not None:
+        if body.data:
+            raise bad("give data (a dataset directory) or dicomweb (a study on a PACS), not both")
+        allowed = [p.strip().rstrip("/") for p in settings.dicomweb_allowed.split(",") if p.strip()]
+        if not any(body.dicomweb.url == p or body.dicomweb.url.startswith(p + "/") for p in allowed):
+            raise bad("this DICOMweb URL is not one the service may read (VESSA_DICOMWEB_ALLOWED)")
+        out = out_root / job_id
+        return body.model_copy(update={"data": str(out / "dicomweb" / body.dicomweb.study), "out": str(out)})
+    data = confine(body.data, settings.data_root)
     return body.model_copy(update={"data": str(data), "out": str(out_root / job_id)})
 
 

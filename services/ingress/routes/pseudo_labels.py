@@ -61,9 +61,14 @@ async def pseudo_labels(
     state: IngressState = Depends(get_state),
 ):
     limits = state.settings.limits
-    upload = read_upload(await file.read(), file.filename or "", axis, limits)
-    classes = await state.classes()
+    upload = read_upload(await file.read(), file.filename or "", axis, limits, allow_cine=True)
+    timeout = state.timeout_for(len(upload.slices))
+    classes = await state.classes(timeout=timeout)
     ids = parse_class_ids(classes_, classes)
+    if upload.frames is not None:
+        if probs is not None:
+            raise bad("student probabilities are not supported with a 4D cine: send its frames one by one")
+        return await _cine(upload, ids, classes, timeout, state)
     prob_slices = None
     if probs is not None:
         prob_slices = _read_probs(await probs.read(), probs.filename or "", upload, limits)
@@ -75,7 +80,7 @@ async def pseudo_labels(
         volume=upload.kind != "npy",  # a NIfTI volume is one piece; a .npy batch is independent slices
     )
     reply_meta, reply_blobs = await state.call(
-        "assist", meta.model_dump_json(), blobs, timeout=state.timeout_for(len(upload.slices))
+        "assist", meta.model_dump_json(), blobs, timeout=timeout
     )
     reply = AssistReply.model_validate_json(reply_meta)
     if reply.status == "error":
@@ -107,6 +112,39 @@ async def pseudo_labels(
             payload = write_npy(labels.reshape(upload.original_shape))
         return multipart_response(info, payload, "labels.npy", "application/octet-stream", headers)
     data, name = write_like(upload, labels)
+    return multipart_response(info, data, name, "application/octet-stream", headers)
+
+
+async def _cine(upload: UploadedVolume, ids, classes: list[dict], timeout: float, state: IngressState):
+    """A 4D cine, frame by frame: each frame one volume call (its slices' 3D context), the answers
+    stacked into one 4D label map in the input's geometry; confidence per frame, slice and class."""
+    labels, confidence = [], []
+    reply = None
+    for frame in upload.frames:
+        meta, blobs = encode_call(list(frame), class_ids=ids, volume=True)
+        reply_meta, reply_blobs = await state.call("assist", meta.model_dump_json(), blobs, timeout=timeout)
+        reply = AssistReply.model_validate_json(reply_meta)
+        if reply.status == "error":
+            raise bad(
+                reply.error or "assistant error",
+                409 if reply.error_kind == "bank_version" else (500 if reply.error_kind == "internal" else 400),
+            )
+        labels.append(np.stack([decode_array(s.label, reply_blobs) for s in reply.slices]))
+        confidence.append([s.confidence for s in reply.slices])
+        state.metrics.count_slices(len(reply.slices))
+    info = {
+        "shape": list(upload.original_shape),
+        "frames": len(labels),
+        "slices": sum(len(c) for c in confidence),
+        "axis": upload.axis,
+        "classes": {str(c["index"]): c["name"] for c in classes},
+        "confidence": confidence,
+        "confidence_layout": "per frame, per slice along the through-plane axis, per class index (background first); null = class not requested",
+        "model_version": reply.model_version,
+        "bank_version": reply.bank_version,
+    }
+    headers = {"X-VESSA-Bank-Version": str(reply.bank_version), "X-VESSA-Model": reply.model_version}
+    data, name = write_like(upload, np.stack(labels))
     return multipart_response(info, data, name, "application/octet-stream", headers)
 
 

@@ -2,7 +2,7 @@
 
   GET  /v1/jobs/{id}/cases                         cases, least trusted first, with review states
   GET  /v1/jobs/{id}/cases/{case}                  one case: record, per-slice confidence, review
-  GET  /v1/jobs/{id}/cases/{case}/slices/{z}.png   a slice with the label as an overlay
+  GET  /v1/jobs/{id}/cases/{case}/slices/{z}.png   a slice with the label as an overlay (?t=frame of a cine)
   GET  /v1/jobs/{id}/cases/{case}/thumbnail.png    the slice with the most foreground, small
   POST /v1/jobs/{id}/cases/{case}/review           approve, reject or flag, with a comment
   POST /v1/jobs/{id}/cases/{case}/label            upload a corrected label map (NIfTI) → version N
@@ -11,6 +11,10 @@
 The job's outputs are read from its OUT directory (job_output_root, storage the ingress shares with
 the runner); the images from the case's input path, which must still lie under the data root. The
 automatic label and the reviewed ones are kept apart (services/labeling/review.py).
+
+A 4D cine case (its record has `frames`) is viewed frame by frame: `t` picks the frame of a slice, the
+case list carries each frame's confidence and the least trusted frame, and a corrected label is a 4D
+NIfTI of all frames.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from services.ingress.errors import bad, error_responses
 from services.ingress.routes.jobs import load_or_404
 from services.ingress.state import IngressState, get_state
 from services.labeling import review as reviews
-from services.labeling.cases import CaseInput, read_case
+from services.labeling.cases import case_input, read_case, read_cine_case
 from services.labeling.outputs import CaseRecord, read_records, record_path
 from services.labeling.ranking import ranking
 from services.labeling.render import class_colour, overlay, png, thumbnail_slice
+from shared.data.cine import load_cine_labels
 from shared.data.nifti import load_label_nifti
 
 router = APIRouter(prefix="/v1/jobs", tags=["review"])
@@ -53,6 +58,11 @@ _WRITE = error_responses(_TEXT, 400, 401, 404, 409)
 
 
 # ------------------------------------------------------------------------------------------ schemas
+class FrameRow(BaseModel):
+    frame: int
+    confidence: float | None
+
+
 class CaseRow(BaseModel):
     rank: int
     case_id: str
@@ -63,6 +73,8 @@ class CaseRow(BaseModel):
     review: str
     versions: int
     in_bank: int | None
+    frames: list[FrameRow] | None = None  # a cine: each frame's confidence
+    worst_frame: int | None = None  # a cine: its least trusted frame
 
 
 class CaseList(BaseModel):
@@ -125,14 +137,30 @@ def _under_data_root(path: Path, state: IngressState) -> Path:
     return real
 
 
-def _image(rec: CaseRecord, state: IngressState):
-    """The case's volume (D, H, W) in [0, 1], as the runner read it."""
+def _frames(rec: CaseRecord, state: IngressState) -> list:
+    """The case's volumes (D, H, W) in [0, 1] as the runner read them: one per frame of a cine
+    (normalised over the whole cine), else the one volume."""
     path = _under_data_root(Path(rec.input), state)
-    if not path.is_file():
+    if not path.exists():
         raise bad(f"the case's input {path.name} is gone", 409)
-    kind = "h5" if path.name.endswith(".h5") else "nifti"
-    key = ("img", str(path), path.stat().st_mtime_ns)
-    return state.volumes.get(key, lambda: read_case(CaseInput(rec.case_id, path, kind, False)))
+    try:
+        case = case_input(rec.case_id, path)  # a folder: the DICOM series named by the case id
+    except FileNotFoundError as exc:
+        raise bad(str(exc), 409) from None
+    if (case.kind == "cine" and not rec.frames) or (rec.frames and case.kind not in ("cine", "dicom")):
+        raise bad(f"the case's input {path.name} changed since it was labeled (cine or not)", 409)
+    key = ("img", str(path), rec.case_id, path.stat().st_mtime_ns)
+    if rec.frames:  # a 4D NIfTI or a DICOM cine series
+        return state.volumes.get(key, lambda: read_cine_case(case))
+    return [state.volumes.get(key, lambda: read_case(case))]
+
+
+def _image(rec: CaseRecord, state: IngressState, t: int = 0):
+    """Frame t of the case (a 3D case has only frame 0). 404 for a frame it does not have."""
+    frames = _frames(rec, state)
+    if not 0 <= t < len(frames):
+        raise bad(f"frame {t} is outside 0..{len(frames) - 1}", 404)
+    return frames[t]
 
 
 def _axes(vol) -> tuple[int, ...] | None:
@@ -140,12 +168,19 @@ def _axes(vol) -> tuple[int, ...] | None:
     return tuple(vol.meta["axes"]) if vol.meta and vol.meta.get("axes") is not None else None
 
 
-def _label(out: Path, rel: str, vol, state: IngressState) -> np.ndarray:
+def _label_frames(out: Path, rel: str, frames: list, state: IngressState) -> list[np.ndarray]:
+    """The label file `rel` (relative to OUT) as one (D, H, W) map per frame of the case."""
     path = (out / rel).resolve()
     if not path.is_relative_to(out.resolve()) or not path.is_file():
         raise bad(f"label file {rel} is missing", 409)
     key = ("lab", str(path), path.stat().st_mtime_ns)
-    return state.volumes.get(key, lambda: load_label_nifti(path, _axes(vol)))
+    if len(frames) > 1 or (frames[0].meta or {}).get("frame") is not None:
+        return state.volumes.get(key, lambda: load_cine_labels(path, frames))
+    return [state.volumes.get(key, lambda: load_label_nifti(path, _axes(frames[0])))]
+
+
+def _label(out: Path, rel: str, vol, state: IngressState) -> np.ndarray:
+    return _label_frames(out, rel, [vol], state)[0]
 
 
 def _which_label(rec: CaseRecord, rev: reviews.Review, which: str) -> str | None:
@@ -199,6 +234,8 @@ async def list_cases(job_id: str, state: IngressState = Depends(get_state)) -> C
                     review=rev.state,
                     versions=len(rev.versions),
                     in_bank=rev.bank_version,
+                    frames=r.get("frames"),
+                    worst_frame=r.get("worst_frame"),
                 )
             )
         return rows
@@ -236,6 +273,7 @@ async def slice_png(
     job_id: str,
     case_id: str,
     z: int,
+    t: int = Query(0, ge=0, description="the frame of a 4D cine (0 for a 3D case)"),
     label: Literal["current", "auto", "reviewed", "none"] = Query("current", description="current: the newest correction, else the automatic label"),
     opacity: float = Query(0.45, ge=0.0, le=1.0),
     classes: str | None = Query(None, description="comma-separated class indices to show (default: all)"),
@@ -249,11 +287,12 @@ async def slice_png(
     def render() -> bytes:
         rec = _record(out, case_id)
         rev = reviews.read_review(out, case_id)
-        vol = _image(rec, state)
+        frames = _frames(rec, state)
+        vol = _image(rec, state, t)
         if not 0 <= z < vol.image.shape[0]:
             raise bad(f"slice {z} is outside 0..{vol.image.shape[0] - 1}", 404)
         rel = _which_label(rec, rev, label)
-        lab = _label(out, rel, vol, state)[z] if rel else None
+        lab = _label_frames(out, rel, frames, state)[t][z] if rel else None
         return png(overlay(vol.image[z], lab, opacity, shown, centre, width))
 
     return Response(await asyncio.to_thread(render), media_type="image/png", headers={"cache-control": "no-store"})
@@ -270,8 +309,12 @@ async def thumbnail(job_id: str, case_id: str, state: IngressState = Depends(get
 
     def render() -> bytes:
         rec = _record(out, case_id)
-        vol = _image(rec, state)
-        lab = _label(out, rec.output, vol, state)
+        frames = _frames(rec, state)
+        # a cine: its least trusted frame, as the viewer opens it
+        t = min(rec.frames, key=lambda f: (f.confidence if f.confidence is not None else -1.0, f.frame)).frame if rec.frames else 0
+        t = t if 0 <= t < len(frames) else 0
+        vol = frames[t]
+        lab = _label_frames(out, rec.output, frames, state)[t]
         z = thumbnail_slice(lab, vol.image.shape[0])
         return png(overlay(vol.image[z], lab[z]), max_side=96)
 
@@ -300,15 +343,18 @@ async def upload_label(
 
     def store() -> reviews.Review:
         rec = _record(out, case_id)
-        vol = _image(rec, state)
+        frames = _frames(rec, state)
+        vol = frames[0]
         try:
-            lab = load_label_nifti(data, _axes(vol))
-        except Exception as exc:  # not NIfTI, damaged, wrong type: a client error, named
+            # a cine: a 4D label map of all its frames
+            labs = load_cine_labels(data, frames) if rec.frames else [load_label_nifti(data, _axes(vol))]
+        except Exception as exc:  # not NIfTI, damaged, wrong type or frame count: a client error, named
             raise bad(f"cannot read the upload as a NIfTI label map: {str(exc)[:300]}") from None
-        if lab.shape != vol.image.shape:
-            raise bad(f"the label map's shape {lab.shape} (slices first) differs from the case's {vol.image.shape}")
+        for lab in labs:
+            if lab.shape != vol.image.shape:
+                raise bad(f"the label map's shape {lab.shape} (slices first) differs from the case's {vol.image.shape}")
         known = set(_class_table(out)) | {0}
-        found = {int(v) for v in np.unique(lab)}
+        found = {int(v) for lab in labs for v in np.unique(lab)}
         if not found <= known:
             raise bad(f"label values {sorted(found - known)} are not classes of this job ({sorted(known)})")
         return reviews.add_corrected(out, case_id, data)
@@ -342,6 +388,9 @@ async def add_to_bank(job_id: str, body: BankBody | None = None, state: IngressS
             continue
         if rev.bank_version is not None and rev.added_label == rel:
             skipped[case_id] = f"already in the bank (version {rev.bank_version})"
+            continue
+        if rec.frames:
+            skipped[case_id] = "a 4D cine: its frames are not added to the bank (yet); add chosen frames as 3D cases"
             continue
         vol = await asyncio.to_thread(_image, rec, state)
         lab = await asyncio.to_thread(_label, out, rel, vol, state)

@@ -5,7 +5,7 @@
 const API = new URL("../", location.href); // the page lives at <service>/ui/
 const TOKEN_KEY = "vessa-token";
 const $ = (id) => document.getElementById(id);
-const state = { jobId: null, cases: [], caseId: null, detail: null, z: 0, hidden: new Set(), timer: null, imgUrl: null, drawSeq: 0 };
+const state = { jobId: null, cases: [], caseId: null, detail: null, z: 0, t: 0, hidden: new Set(), timer: null, imgUrl: null, drawSeq: 0 };
 
 // ------------------------------------------------------------------------------------------- API
 class AuthError extends Error {}
@@ -79,6 +79,10 @@ function colour(root) {
   }
 }
 const fmt = (v, d = 3) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
+// A 4D cine case (its record has `frames`): slices are per frame, slice_confidence is frame-major.
+const isCine = (d) => Array.isArray(d.record.frames) && d.record.frames.length > 0;
+const depthOf = (d) => (isCine(d) ? d.record.shape[1] : d.record.slices);
+const framesOf = (d) => (isCine(d) ? d.record.frames.length : 1);
 const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
 
 async function renderJobs() {
@@ -124,9 +128,15 @@ async function renderCases(jobId) {
     tr.dataset.case = c.case_id;
     const classes = Object.entries(c.classes).map(([name, s]) =>
       `<span class="chip" data-colour="${s.colour.join(",")}">${escapeHtml(name)} ${fmt(s.confidence_mean, 2)} · ${s.volume_ml === null ? s.voxels + " vox" : fmt(s.volume_ml, 1) + " mL"}</span>`).join(" ");
+    let frames = "", slices = String(c.slices);
+    if (c.frames && c.frames.length) { // a cine: its frames' confidence, the least trusted first named
+      const worst = c.frames.find((f) => f.frame === c.worst_frame);
+      frames = `<small class="frames" data-worst-frame="${c.worst_frame}">${c.frames.length} frames · worst t=${c.worst_frame}: ${fmt(worst && worst.confidence, 2)}</small>`;
+      slices = `${c.frames.length} × ${c.slices / c.frames.length}`;
+    }
     tr.innerHTML = `<td>${c.rank}</td><td><img class="thumb" alt=""></td>
       <td><a href="#/jobs/${jobId}/cases/${encodeURIComponent(c.case_id)}">${escapeHtml(c.case_id)}</a></td>
-      <td>${fmt(c.confidence)}</td><td>${classes}</td><td>${c.slices}</td>
+      <td>${fmt(c.confidence)}${frames}</td><td>${classes}</td><td>${slices}</td>
       <td class="review review-${c.review}">${c.review}${c.versions ? " v" + c.versions : ""}${c.in_bank !== null ? " · bank v" + c.in_bank : ""}</td>`;
     body.appendChild(tr);
     colour(tr);
@@ -151,9 +161,12 @@ async function renderViewer(jobId, caseId) {
   $("viewer-case").textContent = caseId;
   const d = await getJSON(`v1/jobs/${jobId}/cases/${encodeURIComponent(caseId)}`);
   state.detail = d;
-  const depth = d.record.slices;
-  if (fresh) state.z = worstSlice(d);
+  const depth = depthOf(d);
+  if (fresh) [state.t, state.z] = worstPlace(d);
   $("slice").max = String(depth - 1);
+  $("frame-nav").hidden = !isCine(d);
+  $("frame-keys").hidden = !isCine(d);
+  $("frame").max = String(framesOf(d) - 1);
   // class toggles
   const toggles = $("class-toggles");
   toggles.innerHTML = "";
@@ -174,13 +187,22 @@ async function renderViewer(jobId, caseId) {
   await drawSlice();
 }
 
-function worstSlice(d) {
-  // open the case where the assistant is least sure of itself
-  let z = Math.floor(d.record.slices / 2), worst = Infinity;
-  for (const s of Object.values(d.record.classes)) {
+function worstPlace(d) {
+  // open the case where the assistant is least sure of itself: [frame, slice]
+  let t = 0, classes = d.record.classes;
+  if (isCine(d)) { // the least trusted frame, then its least trusted slice
+    let low = Infinity;
+    for (const f of d.record.frames) {
+      const c = f.confidence === null ? -1 : f.confidence;
+      if (c < low) { low = c; t = f.frame; }
+    }
+    classes = d.record.frames.find((f) => f.frame === t).classes;
+  }
+  let z = Math.floor(depthOf(d) / 2), worst = Infinity;
+  for (const s of Object.values(classes)) {
     if (s.worst_slice !== null && s.confidence_worst !== null && s.confidence_worst < worst) { worst = s.confidence_worst; z = s.worst_slice; }
   }
-  return z;
+  return [t, z];
 }
 
 function renderConfidence(d) {
@@ -188,7 +210,8 @@ function renderConfidence(d) {
   $("slice-conf").querySelector("thead").innerHTML = `<tr><th>slice</th>${classes.map(([n]) => `<th>${escapeHtml(n)}</th>`).join("")}</tr>`;
   const body = $("slice-conf").querySelector("tbody");
   body.innerHTML = "";
-  (d.record.slice_confidence || []).forEach((row, z) => {
+  const depth = depthOf(d), t = isCine(d) ? state.t : 0; // a cine: the rows of the frame shown
+  (d.record.slice_confidence || []).slice(t * depth, (t + 1) * depth).forEach((row, z) => {
     const tr = document.createElement("tr");
     tr.dataset.z = String(z);
     tr.innerHTML = `<td>${z}</td>${classes.map(([, s]) => `<td>${fmt(row[s.index], 2)}</td>`).join("")}`;
@@ -206,10 +229,18 @@ function renderReview(rev) {
 async function drawSlice() {
   const d = state.detail;
   if (!d) return;
-  const z = Math.max(0, Math.min(state.z, d.record.slices - 1));
+  const depth = depthOf(d);
+  const z = Math.max(0, Math.min(state.z, depth - 1));
+  const t = Math.max(0, Math.min(state.t, framesOf(d) - 1));
   state.z = z;
+  state.t = t;
   $("slice").value = String(z);
-  $("slice-label").textContent = `slice ${z + 1} / ${d.record.slices}`;
+  $("slice-label").textContent = `slice ${z + 1} / ${depth}`;
+  if (isCine(d)) {
+    const f = d.record.frames[t];
+    $("frame").value = String(t);
+    $("frame-label").textContent = `frame ${t + 1} / ${framesOf(d)} · confidence ${fmt(f && f.confidence, 3)}`;
+  }
   for (const tr of $("slice-conf").querySelectorAll("tbody tr")) tr.classList.toggle("current", tr.dataset.z === String(z));
   const shown = Object.values(d.record.classes).map((s) => s.index).filter((k) => !state.hidden.has(k));
   const q = new URLSearchParams({
@@ -218,6 +249,7 @@ async function drawSlice() {
     centre: String($("wc").value / 100),
     width: String($("ww").value / 100),
     classes: shown.join(","),
+    t: String(t),
   });
   const seq = ++state.drawSeq;
   const url = await blobUrl(`v1/jobs/${state.jobId}/cases/${encodeURIComponent(state.caseId)}/slices/${z}.png?${q}`);
@@ -226,11 +258,22 @@ async function drawSlice() {
   state.imgUrl = url;
   const img = $("slice-img");
   img.dataset.z = String(z);
+  img.dataset.t = String(t);
   img.src = url;
 }
 
 function setSlice(z) {
   state.z = z;
+  drawSlice().catch(showError);
+}
+
+function setFrame(t) {
+  const d = state.detail;
+  if (!d || !isCine(d)) return;
+  const next = Math.max(0, Math.min(t, framesOf(d) - 1));
+  if (next === state.t && $("slice-img").dataset.t === String(next)) return;
+  state.t = next;
+  renderConfidence(d); // the confidence rows are the frame's
   drawSlice().catch(showError);
 }
 
@@ -295,10 +338,16 @@ for (const id of ["opacity", "wc", "ww", "label-kind"]) $(id).addEventListener("
 $("slice").addEventListener("input", () => setSlice(Number($("slice").value)));
 $("prev-slice").addEventListener("click", () => setSlice(state.z - 1));
 $("next-slice").addEventListener("click", () => setSlice(state.z + 1));
+$("frame").addEventListener("input", () => setFrame(Number($("frame").value)));
+$("prev-frame").addEventListener("click", () => setFrame(state.t - 1));
+$("next-frame").addEventListener("click", () => setFrame(state.t + 1));
 
 document.addEventListener("keydown", (ev) => {
   if ($("viewer-view").hidden || ev.target.matches("input[type=text], input[type=password], textarea")) return;
-  if (ev.key === "ArrowUp" || ev.key === "ArrowRight" || ev.key === "k") { setSlice(state.z + 1); ev.preventDefault(); }
+  const cine = state.detail && isCine(state.detail); // a cine: ←/→ step through time, ↑/↓ through slices
+  if (cine && (ev.key === "ArrowRight" || ev.key === "]")) { setFrame(state.t + 1); ev.preventDefault(); }
+  else if (cine && (ev.key === "ArrowLeft" || ev.key === "[")) { setFrame(state.t - 1); ev.preventDefault(); }
+  else if (ev.key === "ArrowUp" || ev.key === "ArrowRight" || ev.key === "k") { setSlice(state.z + 1); ev.preventDefault(); }
   else if (ev.key === "ArrowDown" || ev.key === "ArrowLeft" || ev.key === "j") { setSlice(state.z - 1); ev.preventDefault(); }
   else if (ev.key === "n") stepCase(1);
   else if (ev.key === "p") stepCase(-1);

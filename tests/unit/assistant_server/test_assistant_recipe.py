@@ -213,6 +213,7 @@ def _binary_dataset(src: Path, out: Path) -> Path:
         nib.save(nib.Nifti1Image(y, lab.affine), out / "labelsTr" / f"{case}.nii.gz")
     meta = json.loads((src / "dataset.json").read_text())
     meta.update(name="binary-organ", labels={"background": 0, "organ": 1})
+    meta.pop("label_descriptions")  # the cardiac texts are the synthetic dataset's, not this one's
     (out / "dataset.json").write_text(json.dumps(meta))
     (out / "splits.json").write_text((src / "splits.json").read_text())
     return out

@@ -1,5 +1,6 @@
-"""The CPU encoder engine (assistant_server/engines): OpenVINO answers like PyTorch, converts once per set
-of encoder weights, writes its cache atomically, and any failure falls back to PyTorch with one warning.
+"""The CPU engines (assistant_server/engines): OpenVINO's encoder and mask decoder answer like PyTorch,
+convert once per set of weights, write their cache atomically, and any failure falls back to PyTorch with
+one warning.
 
 All on the tiny encoder (a conversion takes about a second); the LiteMedSAM encoder's conversion takes
 minutes on a small CPU and is checked by hand (numbers in the commit that added the engine).
@@ -17,12 +18,19 @@ import torch
 
 from assistant_server.assistant import Assistant, SliceInput
 from assistant_server.checkpoint import build_model
-from assistant_server.engines import FallbackEncoder, engine_name, resolve_engine, select_encoder
+from assistant_server.engines import (
+    FallbackEncoder,
+    engine_name,
+    resolve_engine,
+    select_encoder,
+    select_mask_decoder,
+)
 from assistant_server.engines.cache import META, atomic_entry
 from assistant_server.modeling.vessa import VessaConfig
 
 ov = pytest.importorskip("openvino")  # the dev extra brings it; without it only the fallback is served
 
+from assistant_server.engines import openvino_decoder as ov_decoder  # noqa: E402
 from assistant_server.engines import openvino_encoder as ov_encoder  # noqa: E402
 from assistant_server.engines.openvino_encoder import OpenVINOEncoder  # noqa: E402
 
@@ -39,6 +47,19 @@ def engine_cache(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "engines"
     monkeypatch.setenv("VESSA_ENGINE_CACHE", str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture
+def warm_cache(_module_cache, monkeypatch) -> Path:
+    """A converted-model cache shared by this module's tests that neither count conversions nor break
+    entries: each model is converted once for all of them (a conversion costs seconds)."""
+    monkeypatch.setenv("VESSA_ENGINE_CACHE", str(_module_cache))
+    return _module_cache
 
 
 @pytest.fixture
@@ -71,7 +92,7 @@ def _engine_warnings(caplog) -> list[logging.LogRecord]:
     ]
 
 
-def test_openvino_f32_embeddings_match_pytorch(engine_cache):
+def test_openvino_f32_embeddings_match_pytorch(warm_cache):
     model = _tiny()
     enc = OpenVINOEncoder(model.image_encoder, batch=4, precision="f32")
     x = torch.rand(6, 3, 256, 256, generator=torch.Generator().manual_seed(0))  # two chunks, the last padded
@@ -81,10 +102,10 @@ def test_openvino_f32_embeddings_match_pytorch(engine_cache):
     assert got.shape == ref.shape == (6, 256, 64, 64) and got.dtype == torch.float32
     assert (got - ref).abs().max().item() < F32_REL_TOL * ref.abs().max().item()
     assert torch.equal(enc(x[4:5]), got[4:5])  # a lone slice (padded) answers as in its batch
-    assert enc.name == "openvino-f32" and enc.entry.parent == engine_cache
+    assert enc.name == "openvino-f32" and enc.entry.parent == warm_cache
 
 
-def test_assistant_on_openvino_labels_like_pytorch(tiny_bank, engine_cache):
+def test_assistant_on_openvino_labels_like_pytorch(tiny_bank, warm_cache):
     kw = dict(device="cpu", encoder="tiny", answer_cache_entries=0)
     on_torch = Assistant.from_files("random", tiny_bank, engine="torch", **kw)
     on_ov = Assistant.from_files("random", tiny_bank, engine="openvino", engine_precision="f32", **kw)
@@ -163,7 +184,7 @@ def test_corrupt_cache_entry_falls_back_once_and_is_rebuilt_next_start(
 ):
     kw = dict(device="cpu", encoder="tiny", engine="openvino", engine_precision="f32")
     Assistant.from_files("random", tiny_bank, **kw)
-    (entry,) = _entries(engine_cache)
+    (entry,) = [e for e in _entries(engine_cache) if (e / "encoder.bin").is_file()]  # beside the decoder's
     data = bytearray((entry / "encoder.bin").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (entry / "encoder.bin").write_bytes(bytes(data))
@@ -176,7 +197,8 @@ def test_corrupt_cache_entry_falls_back_once_and_is_rebuilt_next_start(
     assert len(warnings) == 1 and "sha256" in warnings[0].getMessage()
     assert not entry.exists()  # dropped, so the next start converts again instead of failing again
     b = Assistant.from_files("random", tiny_bank, **kw)
-    assert b.stats()["encoder_engine"] == "openvino-f32" and len(conversions) == 2
+    # encoder + decoder at the first start, the encoder again now; the decoder's entry was sound
+    assert b.stats()["encoder_engine"] == "openvino-f32" and len(conversions) == 3
 
 
 def test_engine_that_raises_on_a_call_falls_back_for_good(caplog):
@@ -201,3 +223,85 @@ def test_torch_engine_is_the_model_itself():
     model = _tiny()
     assert select_encoder(model, "cpu", "torch") == model.encode
     assert engine_name(model.encode) == "torch"
+
+
+# --------------------------------------------------------------------------------------------- decoder
+def _decoder_inputs(n: int, tokens: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, 256, 64, 64, generator=g),
+        torch.randn(n, tokens, 256, generator=g),
+        0.1 * torch.randn(n, 256, 64, 64, generator=g),
+    )
+
+
+def test_openvino_decoder_matches_pytorch_for_any_pairs_and_tokens(warm_cache):
+    """Dynamic shapes: 1, 3 and 7 (slice, class) pairs, with and without the text token (T = 6 / 5)."""
+    model = _tiny()
+    dec = select_mask_decoder(model, "cpu", "openvino", "f32")
+    assert engine_name(dec) == "openvino-f32"
+    pe = model.prompt_encoder.get_dense_pe()
+    for n, tokens in ((1, 6), (3, 6), (7, 5)):
+        e, sparse, dense = _decoder_inputs(n, tokens, seed=n)
+        with torch.inference_mode():
+            masks, iou = model.mask_decoder.predict_masks(
+                image_embeddings=e, image_pe=pe, sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense
+            )
+        got_masks, got_iou = dec(e, sparse, dense)
+        assert got_masks.shape == (n, 1, 256, 256) and got_iou.shape == (n, 1)
+        scale = masks[:, :1].abs().max().item()
+        assert (got_masks - masks[:, :1]).abs().max().item() < F32_REL_TOL * scale
+        assert (got_iou - iou[:, :1]).abs().max().item() < 1e-4
+
+
+def test_converted_decoder_is_cached_by_decoder_weights(engine_cache, conversions):
+    before = ov_decoder.CONVERSIONS
+    model = _tiny(seed=0)
+    pe = model.prompt_encoder.get_dense_pe()
+    first = ov_decoder.OpenVINOMaskDecoder(model.mask_decoder, pe, precision="f32")
+    again = ov_decoder.OpenVINOMaskDecoder(_tiny(seed=0).mask_decoder, pe, precision="f32")
+    assert first.converted and not again.converted and again.entry == first.entry
+    x = _decoder_inputs(2, 6)
+    assert all(torch.equal(a, b) for a, b in zip(first(*x), again(*x)))
+    tuned = _tiny(seed=0)
+    with torch.no_grad():
+        tuned.mask_decoder.iou_token.weight.add_(0.5)  # a fine-tuned decoder never meets the old graph
+    other = ov_decoder.OpenVINOMaskDecoder(tuned.mask_decoder, pe, precision="f32")
+    assert other.converted and other.entry != first.entry
+    assert len(conversions) == 2 and ov_decoder.CONVERSIONS - before == 2
+
+
+def test_assistant_with_both_engines_labels_like_pytorch_and_names_them(tiny_bank, warm_cache):
+    kw = dict(device="cpu", encoder="tiny", answer_cache_entries=0, options={"refine_passes": 1})
+    on_torch = Assistant.from_files("random", tiny_bank, engine="torch", **kw)
+    on_ov = Assistant.from_files("random", tiny_bank, engine="openvino", engine_precision="f32", **kw)
+    assert on_ov.stats()["decoder_engine"] == "openvino-f32" and on_torch.stats()["decoder_engine"] == "torch"
+    rng = np.random.default_rng(5)
+    images = [rng.random((140, 160), dtype=np.float32) for _ in range(3)]
+    ref = on_torch.predict_volume([SliceInput(image=im) for im in images])
+    got = on_ov.predict_volume([SliceInput(image=im) for im in images])
+    for x, y in zip(ref, got):
+        assert (x.label == y.label).mean() >= MIN_EQUAL_PIXELS
+        assert np.allclose(x.confidence, y.confidence, atol=1e-3, equal_nan=True)
+    # "auto" leaves the tiny test model's decoder on PyTorch (nothing worth converting)
+    assert select_mask_decoder(_tiny(), "cpu", "auto") is None
+
+
+def test_decoder_engine_that_raises_falls_back_for_good(tiny_bank, warm_cache, caplog):
+    a = Assistant.from_files("random", tiny_bank, device="cpu", encoder="tiny", engine="openvino", engine_precision="f32")
+    real = a.decode_fn._engine
+    calls: list[int] = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("infer request failed")
+
+    a.decode_fn._engine = broken
+    image = np.random.default_rng(2).random((128, 128), dtype=np.float32)
+    with caplog.at_level(logging.WARNING):
+        first = a.predict([SliceInput(image=image)])[0]
+        second = a.predict([SliceInput(image=image, slice_hash="again")])[0]
+    assert first.status == second.status == "ok" and len(calls) == 1
+    assert a.stats()["decoder_engine"] == "torch" and real is not None
+    warnings = _engine_warnings(caplog)
+    assert len(warnings) == 1 and warnings[0].getMessage().startswith("decoder engine")

