@@ -216,9 +216,9 @@ def test_train_busy_and_stop(ml):
     assert "Status: 429" in str(busy.value)  # the client keeps the status in its message
     # generous: on a loaded 2-core CI machine the actor's start, bank update and first step took > 2 min
     deadline = time.monotonic() + 600
-    while client(ml).train_status()["step"] < 1:  # it is fine-tuning, not only adding to the bank
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    while (status := client(ml).train_status())["step"] < 1:  # fine-tuning, not only adding to the bank
+        assert status["status"] == "RUNNING" and time.monotonic() < deadline, str(status)
+        time.sleep(0.5)
     stopped = client(ml).train_stop()
     assert stopped["status"] == "STOPPED" and stopped["id"] == run["id"]
     assert client(ml).train_status()["status"] == "STOPPED"

@@ -210,20 +210,24 @@ def stage1_settings(source: dict, bank: str, out: Path, params: dict):
         base.update({k: v for k, v in cfg.items() if k in own})
     steps = params["max_steps"]
     extra = {"lr": params["lr"], "lr_new": params["lr"] * 10} if params.get("lr") else {}
+    # This run's own settings win over the source's: a fine-tune's checkpoint carries them in its
+    # train_config too, so a second fine-tune must replace them, not pass them twice.
     return Stage1Settings(
-        **base,
-        **extra,
-        bank=Path(bank),
-        out=out,
-        init=ckpt or "pretrained",
-        steps=steps,
-        batch_size=params["batch_size"],
-        warmup_steps=max(1, min(50, steps // 10)),
-        save_every=steps + 1,  # no intermediate checkpoints: a stopped run is discarded
-        log_every=1,
-        augment_views=0,
-        p_pseudo=0.0,
-        pseudo_bank=None,
+        **{
+            **base,
+            **extra,
+            "bank": Path(bank),
+            "out": out,
+            "init": ckpt or "pretrained",
+            "steps": steps,
+            "batch_size": params["batch_size"],
+            "warmup_steps": max(1, min(50, steps // 10)),
+            "save_every": steps + 1,  # no intermediate checkpoints: a stopped run is discarded
+            "log_every": 1,
+            "augment_views": 0,
+            "p_pseudo": 0.0,
+            "pseudo_bank": None,
+        }
     )
 
 

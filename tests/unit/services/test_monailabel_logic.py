@@ -88,3 +88,16 @@ def test_train_params_defaults_bounds_and_ignored_keys():
     for bad_params in ({"max_steps": 0}, {"max_steps": "many"}, {"max_steps": 2.5}, {"max_steps": True}, {"lr": 0}, {"batch_size": 65}):
         with pytest.raises(ValueError):
             parse_params(bad_params)
+
+
+def test_a_fine_tune_of_a_fine_tune_takes_this_runs_settings(monkeypatch, tmp_path):
+    """The served checkpoint may itself be a fine-tune: its train_config then holds the keys a fine-tune
+    sets (augment_views, p_pseudo, …). The second run's values replace them instead of clashing."""
+    from services.ingress.monailabel import training
+
+    cfg = {"augment_views": 4, "p_pseudo": 0.3, "num_templates": 3, "steps": 300, "lr": 1e-3, "seed": 7}
+    monkeypatch.setattr("assistant_server.checkpoint.read_checkpoint", lambda path: {"train_config": cfg})
+    params = {"max_steps": 20, "batch_size": 2, "lr": None}
+    s = training.stage1_settings({"ckpt": "/x/vessa-1.pt", "encoder": "tiny-random"}, str(tmp_path), tmp_path / "m.pt", params)
+    assert (s.augment_views, s.p_pseudo, s.steps, s.batch_size) == (0, 0.0, 20, 2)
+    assert (s.num_templates, s.seed, s.init) == (3, 7, "/x/vessa-1.pt")  # the source's recipe kept
