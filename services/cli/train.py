@@ -95,15 +95,25 @@ def eval_command(
 
 
 def predict_command(
-    input_path: Annotated[Path, typer.Argument(help="input volume .nii/.nii.gz")],
+    input_path: Annotated[Path, typer.Argument(help="input volume .nii/.nii.gz, or a folder of one DICOM series")],
     ckpt: Annotated[Path, typer.Option("--ckpt", help="a student checkpoint")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output label map .nii.gz")],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seg: Annotated[
+        bool, typer.Option("--seg", help="DICOM input: also write a DICOM-SEG beside the label map (OUTPUT with .dcm)")
+    ] = False,
+    series: Annotated[
+        str | None, typer.Option("--series", help="DICOM input: the SeriesInstanceUID to segment (a folder of several series)")
+    ] = None,
 ) -> None:
-    """Segment a NIfTI volume; the label map keeps the input's affine and header (uint8)."""
+    """Segment a NIfTI volume or a DICOM series; the label map keeps the input's geometry (uint8)."""
+    if not input_path.exists():
+        raise typer.BadParameter(f"no such file or folder: {input_path}", param_hint="INPUT_PATH")
+    if (seg or series is not None) and not input_path.is_dir():
+        raise typer.BadParameter("--seg and --series need a DICOM folder as input", param_hint="--seg")
     from student_trainer.predict import predict_file
 
-    summary = predict_file(ckpt, input_path, output, device=device)
+    summary = predict_file(ckpt, input_path, output, device=device, seg=seg, series_uid=series)
     typer.echo(json.dumps(summary, indent=2))
 
 

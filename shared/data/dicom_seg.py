@@ -44,7 +44,9 @@ class Algorithm:
 
     @property
     def version(self) -> str:
-        return f"model {self.model_version or 'unknown'}; bank {self.bank_version}"[:64]
+        # a student alone (`vessa predict`) has no template bank: bank_version -1, left out
+        bank = f"; bank {self.bank_version}" if self.bank_version >= 0 else ""
+        return f"model {self.model_version or 'unknown'}{bank}"[:64]
 
 
 def class_codes(name: str, index: int):

@@ -132,3 +132,42 @@ def test_eval_on_hdf5_layout_writes_identity_affine(trained, tmp_path):
     with h5py.File(h5 / "volumes" / f"{case}.h5") as f:
         d, h, w = f["image"].shape
     assert pred.shape == (h, w, d)
+
+
+def test_predict_dicom_series_writes_nifti_and_seg(trained, tmp_path):
+    """A folder of one DICOM series in: the label map in the series' scanner geometry, and with --seg a
+    DICOM-SEG beside it that references the series and says what the NIfTI says."""
+    import pydicom
+
+    from shared.data.dicom_seg import read_seg_labelmap
+    from shared.data.dicom_series import read_series, scan_folder
+    from shared.data.dicom_write import write_dicom_series
+    from shared.data.synth import synth_case
+
+    data, run = trained
+    case = synth_case(5, 1)
+    write_dicom_series(case.image[:3], case.spacing, tmp_path / "dcm" / "a")
+    (series,) = scan_folder(tmp_path / "dcm")
+    vol = read_series(series)
+    out = tmp_path / "pred" / "a.nii.gz"
+    res = runner.invoke(app, ["predict", str(tmp_path / "dcm"), "--ckpt", str(run / "best.pt"), "-o", str(out), "--seg", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["series_uid"] == series.series_uid and summary["seg"] == str(tmp_path / "pred" / "a.dcm")
+    pred = nib.load(out)
+    d, h, w = vol.image.shape
+    assert pred.shape == (w, h, d) and pred.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(pred.affine, vol.affine)
+    label = np.transpose(np.asarray(pred.dataobj), (2, 1, 0))
+    back, names = read_seg_labelmap(tmp_path / "pred" / "a.dcm", vol)
+    assert np.array_equal(back, label) and set(names.values()) <= {"RV", "Myo", "LV"}
+    ds = pydicom.dcmread(tmp_path / "pred" / "a.dcm")
+    assert str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID) == series.series_uid
+    # --seg with a NIfTI, and a folder of two series without --series, are refused with the reason
+    nifti = data / "imagesTr" / "synth005_0000.nii.gz"
+    res = runner.invoke(app, ["predict", str(nifti), "--ckpt", str(run / "best.pt"), "-o", str(tmp_path / "x.nii.gz"), "--seg"])
+    assert res.exit_code == 2 and "DICOM folder" in res.output
+    write_dicom_series(case.image[:3], case.spacing, tmp_path / "dcm" / "b", series_number=2)
+    from services.cli.main import run as vessa
+
+    assert vessa(["predict", str(tmp_path / "dcm"), "--ckpt", str(run / "best.pt"), "-o", str(tmp_path / "y.nii.gz")]) == 1
