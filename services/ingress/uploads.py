@@ -131,7 +131,7 @@ def read_upload(
         raise VolumeError(f"axis must be 0, 1 or 2, got {axis}")
     original_shape = tuple(int(s) for s in arr.shape)
     slices = _as_float32(np.moveaxis(arr, axis, 0), is_label)
-    _check_slices(slices, limits, is_label)
+    check_slices(slices, limits, is_label)
     if channels is not None:
         channels = np.moveaxis(np.moveaxis(channels, 3, 0), axis + 1, 0)  # (D, C, H, W)
         channels = np.ascontiguousarray(channels)
@@ -142,7 +142,7 @@ def read_upload(
         frames = _as_float32(np.moveaxis(np.moveaxis(cine, 3, 0), axis + 1, 1), is_label)  # (T, D, H, W)
         for t, frame in enumerate(frames):
             try:
-                _check_slices(frame, limits, is_label)
+                check_slices(frame, limits, is_label)
             except VolumeError as exc:
                 raise VolumeError(f"frame {t}: {exc}") from None
         frames = np.ascontiguousarray(frames, dtype=np.float32)
@@ -164,7 +164,7 @@ def _from_npy(data: bytes, limits: Limits, is_label: bool) -> UploadedVolume:
     if arr.dtype == np.bool_ and not is_label:
         raise VolumeError("a boolean array is not an image")
     arr = _as_float32(arr, is_label)
-    _check_slices(arr, limits, is_label)
+    check_slices(arr, limits, is_label)
     arr = np.ascontiguousarray(arr, dtype=np.int64 if is_label else np.float32)
     return UploadedVolume("npy", arr, original_shape, 0)
 
@@ -178,7 +178,8 @@ def _as_float32(slices: np.ndarray, is_label: bool) -> np.ndarray:
         return slices.astype(np.float32)
 
 
-def _check_slices(slices: np.ndarray, limits: Limits, is_label: bool) -> None:
+def check_slices(slices: np.ndarray, limits: Limits, is_label: bool = False) -> None:
+    """The per-request bounds (slice count, side, finite values; a label's range): VolumeError if not."""
     d, h, w = slices.shape
     if d == 0 or h == 0 or w == 0:
         raise VolumeError(f"the image is empty (shape {slices.shape})")
