@@ -13,7 +13,8 @@ the whole cine), then every frame goes through `Assistant.predict_volume` in pro
 - `refine-own`: a second pass whose dense prompt is the frame's own answer (w = 0: what a refinement
   pass does; it separates the gain of a second pass from the gain of time);
 - `time-w`: a second pass whose dense prompt is frame t's answer blended with frames t±1's
-  (`shared.data.cine.temporal_blend`, the cycle taken as periodic), as `volume_context` blends z±1.
+  (`shared.data.cine.temporal_prompts`, the cycle taken as periodic), as `volume_context` blends z±1;
+  the same second pass a job makes with `temporal_context` w (`vessa label --temporal-context W`).
 
 The prompt goes in as the slice's student prompt, which the assistant already takes (no new model code).
 Prints per-variant mean Dice per class and the mean over frames, and per frame, and writes them as
@@ -52,7 +53,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def run(data: Path, ckpt: str, bank: Path, weights: list[float], device: str | None = None, encoder: str = "litemedsam", class_ids: list[int] | None = None) -> dict:
     from assistant_server.assistant import Assistant
     from services.labeling.cases import discover, read_cine_case
-    from shared.data.cine import load_cine_labels, temporal_blend
+    from shared.data.cine import load_cine_labels, temporal_prompts
 
     assistant = Assistant.from_files(ckpt, bank, device=device, encoder=encoder, answer_cache_entries=0)
     cases = [c for c in discover(Path(data)).cases if c.kind == "cine"]
@@ -76,7 +77,7 @@ def run(data: Path, ckpt: str, bank: Path, weights: list[float], device: str | N
         probs = [p for _, p in first]
         for v, w in (("refine-own", 0.0), *((f"time-{w:g}", w) for w in weights)):
             t0 = time.perf_counter()
-            prompts = temporal_blend(probs, w)
+            prompts = temporal_prompts(probs, w)
             answers[v] = [_frame_answer(assistant, f, ids, prompts[t])[0] for t, f in enumerate(frames)]
             seconds[v] += time.perf_counter() - t0 + t_first  # the first pass is part of it
         for v in variants:

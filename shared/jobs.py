@@ -127,6 +127,13 @@ class JobSpec(BaseModel):
     max_in_flight: int = Field(4, ge=1, le=64, description="this job's requests on the stream at once")
     cases_in_flight: int = Field(3, ge=1, le=32)
     timeout_s: float = Field(900.0, ge=1.0, le=86_400.0, description="seconds without any answer to this job before a waiting case fails")
+    temporal_context: float = Field(
+        0.0,
+        ge=0.0,
+        le=1 / 3,
+        description="4D cines: the weight w of each frame's neighbours in time; > 0 makes a second pass per frame prompted with "
+        "(1 − 2w)·P_t + w·P_{t−1} + w·P_{t+1} of the first pass's probabilities (shared.data.cine.temporal_blend); 0: off",
+    )
     rounds: int = Field(
         0,
         ge=0,

@@ -2,6 +2,8 @@
 
     vessa label --data DIR --out DIR [--redis URL | --ckpt CKPT --bank BANK]
     vessa label --data DICOM-FOLDER --out DIR [--series UID]   (one case per series; SEGs in OUT/seg/)
+    vessa label --data CINE-FOLDER --out DIR --temporal-context 0.2   (4D cines: a second pass per frame
+        prompted with its neighbours in time)
     vessa label --dicomweb URL --study UID --out DIR [--series UID] [--store-seg]
         (a PACS: QIDO-RS, WADO-RS into OUT/dicomweb/<study>/, STOW-RS of the SEGs; credentials from
         VESSA_DICOMWEB_TOKEN or VESSA_DICOMWEB_USER/VESSA_DICOMWEB_PASSWORD)
@@ -74,6 +76,7 @@ def label_cmd(
     cases_in_flight: int = typer.Option(3, min=1, max=32, help="cases read / inferred / written at once"),
     timeout_s: float = typer.Option(900.0, "--timeout", min=1.0, help="seconds without any answer to this job before a waiting case fails"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
+    temporal_context: float = typer.Option(0.0, "--temporal-context", help="4D cines: weight w in [0, 1/3] of each frame's neighbours in time; > 0 adds a second pass per frame prompted with (1-2w)·P_t + w·P_t-1 + w·P_t+1 of the first (default 0: off)"),
     rounds: int = typer.Option(0, "--rounds", min=0, max=20, help="rounds of the closed loop after the templates-only labels: each trains a student on the labeled cases + pseudo-labels and relabels with its softmax as the prompt (docs/jobs.md)"),
     loop_config: Path | None = typer.Option(None, "--loop-config", help="YAML of the loop's student settings (the `loop` section of a job: labeled, steps, batch_size, image_size, min_confidence, weighted, warm_start, lr, seed, device)"),
     labeled: int | None = typer.Option(None, "--labeled", min=1, help="with --rounds: labeled patients the student trains on (the first N of the dataset's protocol order; default 3)"),
@@ -103,10 +106,12 @@ def label_cmd(
             raise typer.BadParameter("--series and --cases exclude each other", param_hint="--series")
         cases = series.strip()  # a DICOM case's id is its SeriesInstanceUID
     loop = _loop_spec(loop_config, labeled, student_steps, min_confidence, student_device)
+    if not 0.0 <= temporal_context <= 1 / 3:  # checked here too: before a remote job or an embedded service starts
+        raise typer.BadParameter(f"the neighbours' weight must lie in [0, 1/3], got {temporal_context}", param_hint="--temporal-context")
     if url:
         if data is None:
             raise typer.BadParameter("--data is required (a dataset under the service's data root)")
-        raise typer.Exit(_run_remote(url, token, str(data), cases, all_cases, classes, probs, batch_slices, max_in_flight, cases_in_flight, progress, rounds, loop))
+        raise typer.Exit(_run_remote(url, token, str(data), cases, all_cases, classes, probs, batch_slices, max_in_flight, cases_in_flight, progress, rounds, loop, temporal_context))
     check_engine(engine)
     check_engine_precision(engine_precision)
     if data is None or out is None:
@@ -139,6 +144,7 @@ def label_cmd(
             timeout_s=timeout_s,
             rounds=rounds,
             loop=loop,
+            temporal_context=temporal_context,
         )
     except ValidationError as exc:  # a bad case id or class index: a usage error, named
         raise typer.BadParameter("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
@@ -201,7 +207,7 @@ def _bank_class_names(bank: Path) -> dict[int, str] | None:
         return None
 
 
-def _run_remote(url, token, data, cases, all_cases, classes, probs, batch_slices, max_in_flight, cases_in_flight, show_progress, rounds=0, loop=None) -> int:
+def _run_remote(url, token, data, cases, all_cases, classes, probs, batch_slices, max_in_flight, cases_in_flight, show_progress, rounds=0, loop=None, temporal_context=0.0) -> int:
     """The job on a running service (its runner actor does the work); follows it until it ends."""
     import time
 
@@ -220,6 +226,7 @@ def _run_remote(url, token, data, cases, all_cases, classes, probs, batch_slices
         max_in_flight=max_in_flight,
         cases_in_flight=cases_in_flight,
         **({"rounds": rounds, "loop": loop} if rounds else {}),
+        **({"temporal_context": temporal_context} if temporal_context else {}),
     )
     job_id = created["job_id"]
     typer.echo(f"job {job_id}: {created['data']} → {created['out']}", err=True)

@@ -68,6 +68,7 @@ class CaseRecord(BaseModel):
     # where a class was not asked for
     slice_confidence: list[list[float | None]] | None = None
     frames: list[FrameStats] | None = None  # a 4D cine: per frame (slice_confidence is frame-major)
+    temporal_context: float | None = None  # a 4D cine: the job's temporal_context (0: no second pass)
     model_version: str = ""
     bank_version: int = -1
     seconds: float = 0.0
@@ -159,9 +160,11 @@ def is_done(
     bank_version: int,
     probs: bool = False,
     seg: bool = False,
+    temporal_context: float = 0.0,
 ) -> bool:
     """A case needs no new label: same input bytes, same model and bank, and its label file is there
-    (and its probabilities file, when they are asked for; its DICOM-SEG, for a DICOM input)."""
+    (and its probabilities file, when they are asked for; its DICOM-SEG, for a DICOM input; a cine
+    labeled with the same temporal context)."""
     return (
         rec is not None
         and rec.status == "ok"
@@ -172,6 +175,7 @@ def is_done(
         and (out / rec.output).is_file()
         and (not probs or (rec.probs_output is not None and (out / rec.probs_output).is_file()))
         and (not seg or (bool(seg_files(rec)) and all((out / p).is_file() for p in seg_files(rec))))
+        and (rec.frames is None or (rec.temporal_context or 0.0) == temporal_context)
     )
 
 

@@ -159,6 +159,7 @@ class LabelRunner:
             "selection": j.selection if not j.cases else "cases",
             "class_ids": j.classes,
             "probs": j.probs,
+            "temporal_context": j.temporal_context,
             "model_version": self.summary.model_version,
             "bank_version": self.summary.bank_version,
             **self.info,
@@ -259,7 +260,7 @@ class LabelRunner:
         except OSError as exc:
             return self._failed(case, None, f"cannot read {case.path.name}: {exc}", t0)
         dicom = case.kind == "dicom"
-        if is_done(self.records.get(case.case_id), out, sha, s.model_version, s.bank_version, j.probs, seg=dicom):
+        if is_done(self.records.get(case.case_id), out, sha, s.model_version, s.bank_version, j.probs, seg=dicom, temporal_context=j.temporal_context):
             s.skipped += 1
             return None
         if case.kind == "cine":
@@ -322,20 +323,24 @@ class LabelRunner:
         s.slices += d
         return rec
 
-    async def _infer(self, client, image: np.ndarray):
+    async def _infer(self, client, image: np.ndarray, want_probs: bool | None = None, prompt: np.ndarray | None = None):
         """One volume through the service: (labels, confidences, probs) per request at 256×256, the
-        versions that answered, and the first error (None when every request was answered)."""
+        versions that answered, and the first error (None when every request was answered).
+        `want_probs`: ask for probabilities (default: the job's `probs`); `prompt`: (D, C, 256, 256)
+        the dense prompt to send (default: the student's, `self.prompt`, if any)."""
         j, s = self.job, self.summary
+        want_probs = j.probs if want_probs is None else want_probs
         canon = await asyncio.to_thread(canonical_slices, list(image))
-        prompt = await asyncio.to_thread(self.prompt, canon) if self.prompt is not None else None
+        if prompt is None and self.prompt is not None:
+            prompt = await asyncio.to_thread(self.prompt, canon)
         rids = []
         if j.volume_calls and len(canon) <= Limits().max_slices:  # a replica's per-call slice limit
-            rids.append(await client.submit(canon, probs=prompt, class_ids=j.classes, return_probs=j.probs, volume=True))
+            rids.append(await client.submit(canon, probs=prompt, class_ids=j.classes, return_probs=want_probs, volume=True))
         else:
             for i in range(0, len(canon), j.batch_slices):
                 part = None if prompt is None else prompt[i : i + j.batch_slices]
                 rids.append(
-                    await client.submit(canon[i : i + j.batch_slices], probs=part, class_ids=j.classes, return_probs=j.probs)
+                    await client.submit(canon[i : i + j.batch_slices], probs=part, class_ids=j.classes, return_probs=want_probs)
                 )
         labels, confs, probs = [], [], []
         model_version, bank_version = s.model_version, s.bank_version
@@ -351,7 +356,7 @@ class LabelRunner:
                 continue
             labels.append(res.labels)
             confs.append(res.confidence)
-            if j.probs:
+            if want_probs:
                 if res.probs is None:
                     error = error or "the assistant returned no probabilities"
                     continue
@@ -378,8 +383,22 @@ class LabelRunner:
                 return self._failed(case, sha, str(exc), t0)
         frame_labels, frame_stats, all_conf = [], [], []
         model_version, bank_version = s.model_version, s.bank_version
-        for vol in frames:
-            labels, confs, _, model_version, bank_version, error = await self._infer(client, vol.image)
+        prompts = [None] * len(frames)
+        if j.temporal_context > 0:
+            # a first pass for every frame's probabilities; the second pass below is prompted with
+            # each frame's blended with its neighbours' in time (the cycle taken as periodic)
+            from shared.data.cine import temporal_prompts
+
+            first = []
+            for vol in frames:
+                _, _, probs, _, _, error = await self._infer(client, vol.image, want_probs=True)
+                if error is not None:
+                    return self._failed(case, sha, f"frame {vol.meta['frame']} (first pass): {error}", t0)
+                first.append(np.concatenate(probs))
+            prompts = await asyncio.to_thread(temporal_prompts, first, j.temporal_context)
+            del first
+        for vol, prompt in zip(frames, prompts):
+            labels, confs, _, model_version, bank_version, error = await self._infer(client, vol.image, prompt=prompt)
             if error is not None:
                 return self._failed(case, sha, f"frame {vol.meta['frame']}: {error}", t0)
             conf = np.concatenate(confs)
@@ -423,6 +442,7 @@ class LabelRunner:
             confidence=case_confidence(stats),
             slice_confidence=[[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in conf],
             frames=frame_stats,
+            temporal_context=j.temporal_context,
             model_version=model_version,
             bank_version=bank_version,
             seconds=round(time.perf_counter() - t0, 3),

@@ -159,6 +159,17 @@ def cine_dice(pred: np.ndarray, truth: np.ndarray, class_ids: list[int]) -> list
     return [{k: float(dice(pred[..., t] == k, truth[..., t] == k)) for k in class_ids} for t in range(pred.shape[3])]
 
 
+def temporal_prompts(probs: list[np.ndarray], weight: float, cyclic: bool = True) -> list[np.ndarray]:
+    """The second pass's prompts of a cine from its first pass's per-frame probabilities: `temporal_blend`
+    in the form the probabilities came in, uint8 p·255 (the wire's compact form, what a label job gets
+    back) as uint8, floats as float32. Used by the label runner (`JobSpec.temporal_context`) and
+    benchmarks/cine_context.py."""
+    blended = temporal_blend(probs, weight, cyclic)
+    if probs[0].dtype != np.uint8:
+        return blended
+    return [np.clip(np.rint(b), 0, 255).astype(np.uint8) for b in blended]
+
+
 def temporal_blend(probs: list[np.ndarray], weight: float, cyclic: bool = True) -> list[np.ndarray]:
     """Frame t's refinement prompt from its neighbours in time, as `volume_context` does for slices z±1:
     (1 − 2w)·P_t + w·P_{t−1} + w·P_{t+1}, per frame (each (D, C, H, W) probabilities of one frame).

@@ -54,3 +54,29 @@ def test_cine_labeled_frame_by_frame(serve_app, redis_server, dispatcher, tmp_pa
         assert c["confidence"] == rec["frames"][t]["confidence"]
     again = run_label_job(JobSpec(data=str(data), out=str(out), selection="all"), redis_server.url)
     assert again.skipped == 1 and again.labeled == 0
+
+
+def test_cine_with_temporal_context(serve_app, redis_server, dispatcher, tmp_path: Path) -> None:
+    """`vessa label --temporal-context W`: a second pass per frame prompted with its neighbours in time;
+    the same 4D label map geometry, the option in the manifest and the record, and a rerun without it
+    labels the cine again (its labels came from another pass). A weight outside [0, 1/3] is a usage
+    error."""
+    from services.cli.main import run as vessa
+
+    data = tmp_path / "cine"
+    (cid,) = write_cine_dataset(data, cases=1, frames=3, seed=1, depth=2)
+    out = tmp_path / "out"
+    args = ["label", "--data", str(data), "--out", str(out), "--redis", redis_server.url, "--all", "--no-progress"]
+    assert vessa([*args, "--temporal-context", "0.2"]) == 0
+    src = nib.load(data / f"{cid}.nii.gz")
+    pred = nib.load(out / "labels" / f"{cid}.nii.gz")
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine) and pred.get_data_dtype() == np.uint8
+    manifest = read_manifest(out)
+    assert manifest["job"]["temporal_context"] == 0.2
+    (rec,) = manifest["cases"]
+    assert rec["temporal_context"] == 0.2 and [f["frame"] for f in rec["frames"]] == [0, 1, 2]
+    assert vessa([*args, "--temporal-context", "0.2"]) == 0 and read_manifest(out)["cases"][0]["run_id"] == rec["run_id"]
+    assert vessa(args) == 0  # off: labeled again, recorded as 0
+    assert read_manifest(out)["cases"][0]["temporal_context"] == 0.0
+    for bad in ("0.5", "-0.1"):
+        assert vessa([*args, "--temporal-context", bad]) == 2

@@ -44,3 +44,22 @@ def test_cine_nifti_round_trip(tmp_path: Path) -> None:
     assert np.allclose(back.affine, img.affine) and int(back.header["sform_code"]) == 1
     assert np.array_equal(np.asanyarray(back.dataobj), np.asanyarray(nib.load(tmp_path / "truth" / "synth000_4d.nii.gz").dataobj))
     assert back.header.get_zooms()[3] == pytest.approx(250.0)  # the time step is kept
+
+
+def test_temporal_prompts_keep_the_wire_form_and_the_job_bounds_its_weight() -> None:
+    from pydantic import ValidationError
+
+    from shared.data.cine import temporal_blend, temporal_prompts
+    from shared.jobs import JobSpec
+
+    rng = np.random.default_rng(0)
+    probs = [rng.integers(0, 256, (2, 4, 8, 8), dtype=np.uint8) for _ in range(3)]
+    out = temporal_prompts(probs, 0.25)
+    assert all(p.dtype == np.uint8 for p in out)
+    assert np.array_equal(out[1], np.rint(temporal_blend(probs, 0.25)[1]).astype(np.uint8))
+    floats = [p.astype(np.float32) / 255 for p in probs]
+    assert temporal_prompts(floats, 0.25)[0].dtype == np.float32
+    assert JobSpec(data="x").temporal_context == 0.0  # off by default
+    for bad in (-0.1, 0.34, float("nan")):
+        with pytest.raises(ValidationError, match="temporal_context"):
+            JobSpec(data="x", temporal_context=bad)
