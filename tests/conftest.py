@@ -53,6 +53,14 @@ def serve_app(tiny_bank, tmp_path_factory):
     from ray import serve
 
     from services.ingress.app import build_app
+    from services.labeling.dicomweb import ENV_PASSWORD, ENV_USER
+    from tests.orthanc import OrthancServer
+
+    # A REST job's runner actor reads PACS credentials from its environment, which Ray's workers take
+    # from the environment Ray was started with (as a deployment sets them on its nodes): the test
+    # Orthanc's user, set before ray.init (tests/integration/test_jobs_api.py's DICOMweb job).
+    os.environ.setdefault(ENV_USER, OrthancServer.user)
+    os.environ.setdefault(ENV_PASSWORD, OrthancServer.password)
 
     bank = copy_bank(tiny_bank, tmp_path_factory.mktemp("served") / "bank")
     auth_bank = copy_bank(tiny_bank, tmp_path_factory.mktemp("served_auth") / "bank")

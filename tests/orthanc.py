@@ -44,7 +44,10 @@ class OrthancServer:
 
     def start(self, timeout: float = 60.0) -> OrthancServer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.http_port, dicom_port = free_ports(2)
+        # a port chosen beforehand (a service's VESSA_DICOMWEB_ALLOWED names it), else a free one
+        ports = free_ports(2)
+        self.http_port = self.http_port or ports[0]
+        dicom_port = next(p for p in ports if p != self.http_port)
         config = {
             "Name": "VESSA-TEST",
             "StorageDirectory": str(self.run_dir / "storage"),

@@ -16,7 +16,7 @@ import pytest
 
 from services.ingress.client import AssistantAPIError, AssistantClient
 from services.labeling.outputs import read_records
-from tests.helpers import SERVE_TEST_ARGS, SMALL, copy_bank, start_dispatcher, wait_ready
+from tests.helpers import SERVE_TEST_ARGS, SMALL, copy_bank, free_port, start_dispatcher, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -49,16 +49,34 @@ def jobs_service(serve_app, tiny_bank, tmp_path_factory, synth_dir):
     root.mkdir()
     redis_server = EmbeddedRedis(base / "redis").start()
     bank = copy_bank(tiny_bank, base / "bank")
-    args = {**SERVE_TEST_ARGS, "bank": str(bank), "redis_url": redis_server.url, "data_root": str(root), "job_output_root": str(out_root)}
+    pacs_port = free_port()  # the PACS this service may read: the `orthanc` fixture starts it there
+    args = {
+        **SERVE_TEST_ARGS,
+        "bank": str(bank),
+        "redis_url": redis_server.url,
+        "data_root": str(root),
+        "job_output_root": str(out_root),
+        "dicomweb_allowed": f"http://127.0.0.1:{pacs_port}/dicom-web",
+    }
     serve.run(build_app(args, {"VessaAssistant": dict(SMALL), "VessaIngress": dict(SMALL)}), name="vessa_jobs", route_prefix="/jobsapp")
     url = serve_app.url + "/jobsapp"
     wait_ready(url, 600)  # a replica start on a loaded 2-core machine can take minutes
     disp = start_dispatcher(redis_server.url, serve_app.gcs_address, base / "d.log")
-    yield {"url": url, "root": root, "out": out_root, "redis": redis_server.url}
+    yield {"url": url, "root": root, "out": out_root, "redis": redis_server.url, "pacs_port": pacs_port}
     disp.terminate()
     disp.wait(30)
     serve.delete("vessa_jobs")
     redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def orthanc(jobs_service, tmp_path_factory):
+    """A real Orthanc (tests/orthanc.py) on the port the jobs service may read DICOMweb from."""
+    from tests.orthanc import OrthancServer
+
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), http_port=jobs_service["pacs_port"]).start()
+    yield server
+    server.stop()
 
 
 def _wait_final(client: AssistantClient, job_id: str, timeout: float = 600) -> dict:
@@ -174,3 +192,55 @@ def test_vessa_label_url_runs_the_job_on_the_service(jobs_service, synth_dir, ca
     assert code == 1, out
     assert f"done: {N_CASES + 1} cases, {N_CASES} labeled, 0 already done, 1 failed" in out
     assert "failed  corrupt:" in out
+
+
+def test_dicomweb_job_over_rest(jobs_service, orthanc, tmp_path):
+    """POST /v1/jobs with a `dicomweb` source, end to end against a real Orthanc: the runner actor finds
+    the study's series (QIDO-RS), fetches it (WADO-RS), labels it and stores the SEG back (STOW-RS)
+    with credentials from its environment; the SEG read back from the PACS says what the NIfTI says,
+    and the password is in nothing the job wrote. A PACS not allowed, or a bad option, is a 4xx."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from services.labeling import dicomweb
+    from services.labeling.cases import discover, read_case
+    from services.labeling.outputs import read_manifest
+    from shared.data.dicom_seg import read_seg_labelmap
+    from shared.data.dicom_write import write_dicom_series
+    from shared.data.synth import synth_case
+
+    assert os.environ[dicomweb.ENV_PASSWORD] == orthanc.password  # what Ray's workers were started with
+    study = generate_uid()
+    case = synth_case(0, 2)
+    files = write_dicom_series(case.image[:3], case.spacing, tmp_path / "study", study_uid=study)
+    series = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    assert dicomweb.store(orthanc.dicomweb, files) == len(files)
+    url = jobs_service["url"] + "/v1/jobs"
+    body = {"dicomweb": {"url": orthanc.dicomweb, "study": study, "store_seg": True}, "class_names": {"1": "RV", "2": "Myo", "3": "LV"}}
+    r = httpx.post(url, json=body, timeout=30)
+    assert r.status_code == 202, r.text
+    created = r.json()
+    client = AssistantClient(jobs_service["url"])
+    job = _wait_final(client, created["job_id"])
+    assert job["state"] == "done" and job["counts"]["labeled"] == 1 and job["counts"]["failed"] == 0, job
+    out = Path(created["out"])
+    (rec,) = read_manifest(out)["cases"]
+    assert rec["case_id"] == series and rec["seg_output"] == f"seg/{series}.dcm"
+    segs = [uid for uid, modality in dicomweb.find_series(dicomweb.connect(orthanc.dicomweb), study) if modality == "SEG"]
+    assert len(segs) == 1  # stored back on the PACS
+    (seg_ds,) = dicomweb.retrieve_series(orthanc.dicomweb, study, segs[0])
+    assert str(seg_ds.ReferencedSeriesSequence[0].SeriesInstanceUID) == series
+    seg_ds.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    vol = read_case(discover(out / "dicomweb" / study).cases[0])
+    label = np.transpose(np.asarray(nib.load(out / rec["output"]).dataobj), (2, 1, 0))
+    back, names = read_seg_labelmap(tmp_path / "seg.dcm", vol)
+    assert np.array_equal(back, label) and set(names.values()) == {"RV", "Myo", "LV"}
+    secret = orthanc.password
+    assert secret not in httpx.get(f"{url}/{created['job_id']}", timeout=10).text
+    assert not [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".csv") and secret in p.read_text()]
+    other = {**body, "dicomweb": {**body["dicomweb"], "url": "http://127.0.0.1:1/dicom-web"}}
+    r = httpx.post(url, json=other, timeout=30)
+    assert r.status_code == 400 and "VESSA_DICOMWEB_ALLOWED" in r.text
+    for bad in (0.5, -1):
+        r = httpx.post(url, json={"data": "study", "temporal_context": bad}, timeout=30)
+        assert r.status_code == 422 and "temporal_context" in r.text
