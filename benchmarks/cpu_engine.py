@@ -121,7 +121,8 @@ def _label_job_rows(args, configs: list[dict], bank: Path, work: Path) -> list[d
         job = JobSpec(data=str(Path(args.data).resolve()), out=str(out), cases=ids, selection="all")
         t0 = time.perf_counter()
         with embedded_service(args.ckpt, bank.resolve(), out / ".service", "litemedsam", "cpu", 1, None,
-                              c["engine"], c["precision"], {**c["options"]}, c.get("keep", True)) as url:  # fmt: skip
+                              c["engine"], c["precision"], {**c["options"]}, c.get("keep", True),
+                              c["decoder"]) as url:  # fmt: skip
             started = time.perf_counter()
             summary = run_label_job(job, url)
             labeled = time.perf_counter()

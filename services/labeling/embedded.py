@@ -27,12 +27,14 @@ def embedded_service(
     engine_precision: str = "f32",
     inference: dict | None = None,
     keep_freed_memory: bool = True,
+    decoder_precision: str | None = None,
 ):
     """Yields the Redis URL of a local service that answers the request stream. embed_store: a
     directory of persisted encoder embeddings the replica reads and fills (`vessa assistant embed`);
     engine, engine_precision: the replica's encoder and decoder runtime (assistant_server/engines);
     inference: InferenceOptions overrides for the replica (e.g. refine_below); keep_freed_memory: the
-    replica serves this job alone, so it keeps freed memory for reuse (assistant_server/cpu_memory.py)."""
+    replica serves this job alone, so it keeps freed memory for reuse (assistant_server/cpu_memory.py);
+    decoder_precision: the decoder engine's own precision (default: engine_precision)."""
     if ckpt not in ("random", "pretrained") and not Path(ckpt).is_file():
         raise FileNotFoundError(f"assistant checkpoint not found: {ckpt}")
     if not (Path(bank) / "manifest.json").is_file():
@@ -55,6 +57,8 @@ def embedded_service(
         if device == "cpu":
             assistant["user_config"] = {"torch_threads": max(1, cores // replicas)}
         args = {"ckpt": str(ckpt), "bank": str(bank), "encoder": encoder, "device": device, "max_batch_slices": 16, "engine": engine, "engine_precision": engine_precision, "keep_freed_memory": keep_freed_memory}
+        if decoder_precision:
+            args["decoder_precision"] = decoder_precision
         if inference:
             args["inference"] = dict(inference)
         if embed_store is not None:
