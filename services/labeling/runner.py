@@ -298,30 +298,14 @@ class LabelRunner:
             await asyncio.to_thread(write_atomic, dest, data)
         except (ValueError, OSError) as exc:
             return self._failed(case, sha, f"cannot write the label map: {exc}", t0)
-        rec = CaseRecord(
-            case_id=case.case_id,
-            status="ok",
-            input=str(case.path),
-            input_sha256=sha,
-            output=str(dest.relative_to(out)),
+        return await self._finish_ok(
+            s, out, case, sha, dest, stats, conf, model_version, bank_version, t0,
             probs_output=str(probs_dest.relative_to(out)) if probs_dest is not None else None,
             seg_output=str(seg_dest.relative_to(out)) if seg_dest is not None else None,
             slices=d,
             shape=[int(x) for x in vol.image.shape],
             spacing=[float(x) for x in vol.spacing] if vol.spacing is not None else None,
-            classes={self.class_names.get(k, f"class_{k}"): v for k, v in stats.items()},
-            confidence=case_confidence(stats),
-            slice_confidence=[[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in conf],
-            model_version=model_version,
-            bank_version=bank_version,
-            seconds=round(time.perf_counter() - t0, 3),
-            run_id=self.run_id,
-            finished_at=time.time(),
-        )
-        await asyncio.to_thread(write_record, out, rec)
-        s.labeled += 1
-        s.slices += d
-        return rec
+        )  # fmt: skip
 
     async def _infer(self, client, image: np.ndarray, want_probs: bool | None = None, prompt: np.ndarray | None = None):
         """One volume through the service: (labels, confidences, probs) per request at 256×256, the
@@ -429,30 +413,14 @@ class LabelRunner:
         except (ValueError, OSError) as exc:
             return self._failed(case, sha, f"cannot write the label map: {exc}", t0)
         d = frames[0].image.shape[0]
-        rec = CaseRecord(
-            case_id=case.case_id,
-            status="ok",
-            input=str(case.path),
-            input_sha256=sha,
-            output=str(dest.relative_to(out)),
+        return await self._finish_ok(
+            s, out, case, sha, dest, stats, conf, model_version, bank_version, t0,
             slices=d * len(frames),
             shape=[len(frames), *(int(x) for x in frames[0].image.shape)],
             spacing=[float(x) for x in frames[0].spacing] if frames[0].spacing is not None else None,
-            classes={self.class_names.get(k, f"class_{k}"): v for k, v in stats.items()},
-            confidence=case_confidence(stats),
-            slice_confidence=[[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in conf],
             frames=frame_stats,
             temporal_context=j.temporal_context,
-            model_version=model_version,
-            bank_version=bank_version,
-            seconds=round(time.perf_counter() - t0, 3),
-            run_id=self.run_id,
-            finished_at=time.time(),
-        )
-        await asyncio.to_thread(write_record, out, rec)
-        s.labeled += 1
-        s.slices += rec.slices
-        return rec
+        )  # fmt: skip
 
     async def _result(self, client, rid: str):
         """The request's result, waiting as long as the service makes progress on this job: the
@@ -485,6 +453,32 @@ class LabelRunner:
             for z in range(d):  # slice by slice: a float copy of a whole CT volume's classes is GBs
                 full[z] = np.clip(np.rint(resize_image(probs256[z], (h, w))), 0, 255)
         write_atomic(dest, nifti_to_bytes(probs_to_nifti(full, vol)))
+
+    async def _finish_ok(
+        self, s: JobSummary, out: Path, case: CaseInput, sha: str, dest: Path, stats: dict, conf, model_version, bank_version,
+        t0: float, **fields,
+    ) -> CaseRecord:
+        """The record of a labeled case (3D or cine: `fields` hold what differs), written and counted."""
+        rec = CaseRecord(
+            case_id=case.case_id,
+            status="ok",
+            input=str(case.path),
+            input_sha256=sha,
+            output=str(dest.relative_to(out)),
+            classes={self.class_names.get(k, f"class_{k}"): v for k, v in stats.items()},
+            confidence=case_confidence(stats),
+            slice_confidence=[[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in conf],
+            model_version=model_version,
+            bank_version=bank_version,
+            seconds=round(time.perf_counter() - t0, 3),
+            run_id=self.run_id,
+            finished_at=time.time(),
+            **fields,
+        )
+        await asyncio.to_thread(write_record, out, rec)
+        s.labeled += 1
+        s.slices += rec.slices
+        return rec
 
     def _failed(self, case: CaseInput, sha: str | None, error: str, t0: float) -> CaseRecord:
         log.warning("case %s failed: %s", case.case_id, error)

@@ -20,6 +20,7 @@ from shared.data.nifti import (
     _data,
     _zooms3,
     label_to_nifti,
+    label_values,
     nifti_from_bytes,
     nifti_to_bytes,
 )
@@ -97,16 +98,7 @@ def load_cine_labels(src: str | Path | bytes, frames: list[Volume]) -> list[np.n
     raw = np.asanyarray(img.dataobj)
     if raw.ndim != 4 or raw.shape[3] != len(frames):
         raise ValueError(f"{name}: a 4D label map of {len(frames)} frames expected, got shape {raw.shape}")
-    if raw.dtype.kind == "f":
-        if not np.isfinite(raw).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
-        rounded = np.rint(raw)
-        if np.abs(raw - rounded).max(initial=0.0) > 1e-3:
-            raise ValueError(f"{name} holds non-integer values")
-        raw = rounded
-    if raw.size and (raw.min() < 0 or raw.max() > 255):
-        raise ValueError(f"{name} has values outside 0..255")
-    data = raw.astype(np.uint8)
+    data = label_values(raw, name).astype(np.uint8)
     return [np.ascontiguousarray(np.transpose(data[..., t], f.meta["axes"])) for t, f in enumerate(frames)]
 
 

@@ -198,6 +198,21 @@ def load_nifti(src: str | Path | bytes, case_id: str | None = None, normalize: b
     )
 
 
+def label_values(raw: np.ndarray, what: str) -> np.ndarray:
+    """A label map's values as integers 0..255 (floats within 1e-3 of an integer are rounded); ValueError
+    naming `what` for NaN/inf, non-integer or out-of-range values."""
+    if raw.dtype.kind == "f":
+        if not np.isfinite(raw).all():
+            raise ValueError(f"{what} contains NaN or infinite values")
+        rounded = np.rint(raw)
+        if np.abs(raw - rounded).max(initial=0.0) > 1e-3:
+            raise ValueError(f"{what} holds non-integer values")
+        raw = rounded
+    if raw.size and (raw.min() < 0 or raw.max() > 255):
+        raise ValueError(f"{what} has values outside 0..255")
+    return raw
+
+
 def load_label_nifti(src: str | Path | bytes, axes: tuple[int, int, int] | None = None) -> np.ndarray:
     """Load a label map as (D, H, W) uint8, permuted by `axes` (pass the image's `meta["axes"]` so
     image and label line up; default: the label file's own through-plane order).
@@ -205,16 +220,7 @@ def load_label_nifti(src: str | Path | bytes, axes: tuple[int, int, int] | None 
     Raises ValueError for non-integer or out-of-range (0..255) values."""
     img, name = _read_source(src)
     where = f" ({name})"
-    raw = _as_3d(_data(img, where))
-    if raw.dtype.kind == "f":
-        if not np.isfinite(raw).all():
-            raise ValueError(f"label map{where} contains NaN or infinite values")
-        rounded = np.rint(raw)
-        if np.abs(raw - rounded).max(initial=0.0) > 1e-3:
-            raise ValueError(f"label map{where} holds non-integer values")
-        raw = rounded
-    if raw.size and (raw.min() < 0 or raw.max() > 255):
-        raise ValueError(f"label map{where} has values outside 0..255")
+    raw = label_values(_as_3d(_data(img, where)), f"label map{where}")
     if axes is None:
         axes = _axes_of(img)
     return np.ascontiguousarray(np.transpose(raw, axes)).astype(np.uint8)
