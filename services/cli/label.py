@@ -80,7 +80,7 @@ def label_cmd(
     rounds: int = typer.Option(0, "--rounds", min=0, max=20, help="rounds of the closed loop after the templates-only labels: each trains a student on the labeled cases + pseudo-labels and relabels with its softmax as the prompt (docs/jobs.md)"),
     loop_config: Path | None = typer.Option(None, "--loop-config", help="YAML of the loop's student settings (the `loop` section of a job: labeled, steps, batch_size, image_size, min_confidence, weighted, warm_start, lr, seed, device)"),
     labeled: int | None = typer.Option(None, "--labeled", min=1, help="with --rounds: labeled patients the student trains on (the first N of the dataset's protocol order; default 3)"),
-    student_steps: int | None = typer.Option(None, "--student-steps", min=1, help="with --rounds: student training steps per round (the CPU budget; default 100)"),
+    student_steps: int | None = typer.Option(None, "--student-steps", min=1, help="with --rounds: student training steps per round (the CPU budget; default 1000)"),
     min_confidence: float | None = typer.Option(None, "--min-confidence", min=0.0, max=1.0, help="with --rounds: leave out pseudo-labeled slices less confident than this (default 0)"),
     student_device: str | None = typer.Option(None, "--student-device", help="with --rounds: where the student trains (cpu, cuda; default cpu)"),
 ):
