@@ -61,8 +61,8 @@ class AssistantSettings(VessaSettings):
     # cached on disk. f32 gives the eager path's labels (within 1e-4); bf16 is faster where the CPU has it
     # natively, with labels that differ slightly (docs/benchmarks.md); auto: bf16 where native.
     engine: Literal["auto", "torch", "openvino"] = "auto"
-    engine_precision: Literal["auto", "f32", "bf16", "int8"] = "f32"
-    decoder_precision: Literal["auto", "f32", "bf16", "int8"] | None = None  # None: engine_precision
+    engine_precision: Literal["auto", "f32", "bf16"] = "f32"
+    decoder_precision: Literal["auto", "f32", "bf16"] | None = None  # None: engine_precision
     # InferenceOptions overrides for this replica (e.g. {"refine_below": 0.3}), over the checkpoint's own
     inference: dict = {}
 

@@ -33,7 +33,6 @@ from assistant_server.bank import TemplateBank, global_descriptor
 from assistant_server.checkpoint import build_model, load_checkpoint
 from assistant_server.embedding_cache import EmbeddingCache
 from assistant_server.engines import DecodeFn, EncodeFn, engine_name, select_encoder, select_mask_decoder
-from assistant_server.engines.openvino_int8 import calibration_inputs
 from assistant_server.modeling.foundation import module_state_hash
 from assistant_server.modeling.vessa import VessaConfig, VessaModel, combine_classes
 from assistant_server.precision import autocast
@@ -139,10 +138,9 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         options: InferenceOptions fields overriding the checkpoint's own (`extra["inference"]`).
         engine: auto | torch | openvino, the runtime of the frozen encoder and the mask decoder
         (assistant_server/engines: auto is OpenVINO on a CPU, PyTorch on a GPU; a failing engine falls back
-        to PyTorch with one warning); engine_precision: f32 | bf16 | int8 | auto (auto: bf16 where the CPU has it
+        to PyTorch with one warning); engine_precision: f32 | bf16 | auto (auto: bf16 where the CPU has it
         natively; the default f32 gives the eager path's labels, docs/benchmarks.md); decoder_precision:
-        the decoder's, if not the encoder's (int8 quantizes the encoder only, calibrated on the bank's
-        exemplars; its decoder runs as auto); engine_cache: the converted models' directory (default
+        the decoder's, if not the encoder's; engine_cache: the converted models' directory (default
         VESSA_ENGINE_CACHE or ~/.cache/vessa/engines)."""
         bank = TemplateBank(bank_dir)
         stored: dict = {}
@@ -160,15 +158,7 @@ class Assistant(VolumePrediction, PromptedSegmentation):
         device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cache = EmbeddingCache(device_t, cache_device_entries, cache_host_entries, cache_store)
         batch = encode_batch or default_encode_batch(device_t)
-        encode_fn = select_encoder(
-            model,
-            device_t,
-            engine,
-            batch,
-            engine_precision,
-            engine_cache,
-            calibration=lambda: calibration_inputs(bank.tensors()["image"]),
-        )
+        encode_fn = select_encoder(model, device_t, engine, batch, engine_precision, engine_cache)
         decode_fn = select_mask_decoder(
             model, device_t, engine, decoder_precision or engine_precision, engine_cache
         )

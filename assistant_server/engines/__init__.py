@@ -12,9 +12,6 @@ converted, 3-5x as fast (f32-bf16); with the encoder fast, SAM's mask decoder is
   A request never fails because of the engine (the decoder likewise).
 - "auto": "openvino" on a CPU device when the package imports and the encoder is LiteMedSAM's (the tiny
   test encoder takes milliseconds; converting it buys nothing); "torch" otherwise.
-
-Precision "int8" quantizes the encoder (NNCF, calibrated on the bank's exemplars: openvino_int8.py); if
-that fails, ONE warning and the encoder runs on OpenVINO at f32. The decoder under int8 runs as "auto".
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from assistant_server.engines.cache import EngineCacheError, default_cache_dir
@@ -114,12 +110,10 @@ def select_encoder(
     batch: int = 4,
     precision: str = "auto",
     cache_dir: str | Path | None = None,
-    calibration: Callable[[], np.ndarray] | None = None,
 ) -> EncodeFn:
     """The function Assistant.embeddings calls (`engine_name` names it for stats). `model` is a
-    VessaModel: its `image_encoder` is converted, its `encode` is the fallback. calibration: gives the
-    int8 quantizer its inputs (K, 3, 256, 256), called only for precision "int8". Never raises for an
-    engine that cannot be built: one warning, then PyTorch (int8: one warning, then OpenVINO f32)."""
+    VessaModel: its `image_encoder` is converted, its `encode` is the fallback. Never raises for an
+    engine that cannot be built: one warning, then PyTorch."""
     encoder = getattr(getattr(model, "config", None), "encoder", "litemedsam")
     chosen = resolve_engine(engine, device, encoder)
     if chosen == "torch":
@@ -127,19 +121,6 @@ def select_encoder(
     try:
         from assistant_server.engines.openvino_encoder import OpenVINOEncoder
 
-        if precision == "int8":
-            try:
-                ov_encoder = OpenVINOEncoder(
-                    model.image_encoder,
-                    batch=batch,
-                    precision="int8",
-                    cache_dir=cache_dir,
-                    calibration=calibration() if calibration else None,
-                )
-                return FallbackEncoder(ov_encoder, model.encode, ov_encoder.name)
-            except Exception as exc:  # nncf missing, no calibration images, a quantization error
-                log.warning("int8 encoder unavailable (%s: %s); encoder on OpenVINO f32", type(exc).__name__, exc)
-                precision = "f32"
         ov_encoder = OpenVINOEncoder(
             model.image_encoder, batch=batch, precision=precision, cache_dir=cache_dir
         )

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from assistant_server.engines.openvino_runtime import float_hint, load_or_convert, save_ir
+from assistant_server.engines.openvino_runtime import load_or_convert, resolve_precision, save_ir
 from assistant_server.modeling.foundation import EMBED_DIM, EMBED_SIZE, state_hash
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class OpenVINOMaskDecoder:
         threads: int | None = None,
         tokens: int = 6,
     ):
-        self.precision = float_hint(precision)  # no int8 decoder: under int8 it runs as "auto"
+        self.precision = resolve_precision(precision)
         self.threads = int(threads or torch.get_num_threads())
         self.key = decoder_key(mask_decoder, image_pe)
         graph = _FirstMask(mask_decoder.eval(), image_pe)

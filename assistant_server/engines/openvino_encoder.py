@@ -6,8 +6,7 @@ The TinyViT encoder is converted from the PyTorch module itself (`openvino.conve
 second copy of the weights to keep in step. Its trace bakes the batch size into reshapes (`B = len(x)` in
 TinyViT), so the model is converted for a fixed batch and a call pads its last chunk. The IR is stored in
 fp32; the precision is a compile-time hint (bf16 where the CPU has native bf16 kernels), so one cache
-entry serves both precisions. int8 is a second entry, quantized from the fp32 one by NNCF on calibration
-images the caller gives (openvino_int8.py).
+entry serves both precisions.
 """
 
 from __future__ import annotations
@@ -22,13 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from assistant_server.engines.cache import verify_entry
-from assistant_server.engines.openvino_runtime import (
-    ensure_entry,
-    load_or_convert,
-    resolve_precision,
-    save_ir,
-)
+from assistant_server.engines.openvino_runtime import load_or_convert, resolve_precision, save_ir
 from assistant_server.modeling.foundation import IMAGE_SIZE, module_state_hash
 
 log = logging.getLogger(__name__)
@@ -69,9 +62,7 @@ class OpenVINOEncoder:
         precision: str = "auto",
         cache_dir: str | Path | None = None,
         threads: int | None = None,
-        calibration: np.ndarray | None = None,
     ):
-        """calibration: (K, 3, 256, 256) encoder inputs, needed for precision "int8" only."""
         import openvino as ov
 
         self.batch = int(batch)
@@ -86,34 +77,11 @@ class OpenVINOEncoder:
             "openvino": ov.get_version(),
             "torch": torch.__version__,
         }
-        convert = lambda entry: _convert(module, self.batch, entry, self.key)  # noqa: E731
-        if self.precision == "int8":
-            self.entry, self.compiled, self.converted = self._int8(convert, calibration, cache_dir)
-        else:
-            self.entry, self.compiled, self.converted = load_or_convert(
-                self.key, XML, convert, self.precision, self.threads, cache_dir
-            )
+        self.entry, self.compiled, self.converted = load_or_convert(
+            self.key, XML, lambda entry: _convert(module, self.batch, entry, self.key), self.precision, self.threads, cache_dir
+        )
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request, reused: calls are serialised
-
-    def _int8(self, convert, calibration: np.ndarray | None, cache_dir):
-        """The int8 entry (quantized from the fp32 entry, converted first where missing), compiled."""
-        from assistant_server.engines.openvino_int8 import calibration_digest, nncf_version, quantize_entry
-
-        if calibration is None or len(calibration) == 0:
-            raise ValueError("int8 needs calibration images (the bank's exemplars); none were given")
-        f32_entry, converted = ensure_entry(self.key, convert, cache_dir)
-        verify_entry(f32_entry)
-        key = {**self.key, "quantized": "int8", "calibration": calibration_digest(calibration), "nncf": nncf_version()}
-        entry, compiled, quantized = load_or_convert(
-            key,
-            XML,
-            lambda e: quantize_entry(f32_entry / XML, e, key, calibration, self.batch, XML),
-            self.precision,
-            self.threads,
-            cache_dir,
-        )
-        return entry, compiled, converted or quantized
 
     @property
     def name(self) -> str:

@@ -18,9 +18,7 @@ from assistant_server.engines.cache import (
     write_meta,
 )
 
-# int8: the encoder post-training quantized by NNCF (openvino_int8.py); what stays in floating point,
-# and the decoder, run as "auto" would (bf16 where native, else f32).
-PRECISIONS = ("auto", "f32", "bf16", "int8")
+PRECISIONS = ("auto", "f32", "bf16")
 
 _CORE = None
 _CORE_LOCK = threading.Lock()
@@ -37,18 +35,12 @@ def native_bf16() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """'auto' → bf16 where the CPU has it natively, else f32; an explicit choice is kept."""
+    """'auto' → bf16 where the CPU has it natively, else f32; an explicit hint is kept."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown engine precision {precision!r}: use one of {PRECISIONS}")
     if precision == "auto":
         return "bf16" if native_bf16() else "f32"
     return precision
-
-
-def float_hint(precision: str) -> str:
-    """The compile-time floating-point hint for a precision: int8's float parts (and the decoder
-    under int8) run as 'auto' does."""
-    return resolve_precision("auto" if precision == "int8" else precision)
 
 
 def core():
@@ -67,24 +59,11 @@ def compile_ir(xml: Path, precision: str, threads: int):
     one request at a time, all threads on it)."""
     c = core()
     config = {
-        "INFERENCE_PRECISION_HINT": float_hint(precision),
+        "INFERENCE_PRECISION_HINT": precision,
         "INFERENCE_NUM_THREADS": int(threads),
         "PERFORMANCE_HINT": "LATENCY",
     }
     return c.compile_model(c.read_model(str(xml)), "CPU", config)
-
-
-def ensure_entry(
-    key: dict, convert: Callable[[Path], None], cache_dir: str | Path | None = None
-) -> tuple[Path, bool]:
-    """The cache entry named by `key`, written by `convert(entry)` where it is missing (not yet
-    verified nor compiled). Returns (entry, whether it was converted now)."""
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    entry = root / entry_name(**key)
-    converted = not (entry / "meta.json").is_file()
-    if converted:
-        convert(entry)
-    return entry, converted
 
 
 def load_or_convert(
@@ -98,7 +77,11 @@ def load_or_convert(
     """The cache entry named by `key` compiled for the CPU; `convert(entry)` writes it first where it
     is missing. Returns (entry, compiled model, whether it was converted now). An entry that fails its
     check or its compile is removed, so the next start converts again instead of failing again."""
-    entry, converted = ensure_entry(key, convert, cache_dir)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    entry = root / entry_name(**key)
+    converted = not (entry / "meta.json").is_file()
+    if converted:
+        convert(entry)
     try:
         verify_entry(entry)
         return entry, compile_ir(entry / xml_name, precision, threads), converted

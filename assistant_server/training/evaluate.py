@@ -59,8 +59,8 @@ class EvalSettings(VessaSettings):
     cpu_bf16: bool = False
     refine_below: float | None = None
     engine: Literal["auto", "torch", "openvino"] = "auto"  # encoder and decoder runtime (assistant_server/engines)
-    engine_precision: Literal["auto", "f32", "bf16", "int8"] = "f32"  # f32: the eager path's labels; bf16 where native is faster
-    decoder_precision: Literal["auto", "f32", "bf16", "int8"] | None = None  # None: engine_precision
+    engine_precision: Literal["auto", "f32", "bf16"] = "f32"  # f32: the eager path's labels; bf16 where native is faster
+    decoder_precision: Literal["auto", "f32", "bf16"] | None = None  # None: engine_precision
 
     def inference_overrides(self) -> dict:
         return {

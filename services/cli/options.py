@@ -6,10 +6,7 @@ from __future__ import annotations
 import typer
 
 ENGINE_HELP = "runtime of the encoder and mask decoder: auto (OpenVINO on a CPU, PyTorch on a GPU), torch or openvino"
-PRECISION_HELP = (
-    "engine precision: f32 (the eager path's labels), bf16 (faster where the CPU has native bf16; labels differ slightly), "
-    "int8 (the encoder quantized by NNCF on the bank's exemplars, cached; docs/benchmarks.md), or auto"
-)
+PRECISION_HELP = "engine precision: f32 (the eager path's labels), bf16 (faster where the CPU has native bf16; labels differ slightly), or auto"
 
 
 def check_engine(engine: str | None) -> None:
