@@ -32,11 +32,17 @@ DICE_FLOOR = {
     ("bcp", 7): 70.0,
     ("vessa", 3): 60.0,
     ("vessa", 7): 70.0,
+    ("loop", 3): 50.0,  # the last round's labels of the closed loop (vessa label --rounds 3)
+    ("loop", 7): 60.0,
 }
 # wall-clock budget of the training command of an item (the run tool allows 10 minutes a command; the
 # queue's items must end inside 9): past it the run is stopped and its best checkpoint evaluated,
 # recorded as an incomplete schedule
 TRAIN_BUDGET_S = float(os.environ.get("VESSA_GPU_TRAIN_BUDGET_S", "420"))
+# wall-clock budget of a loop item's `vessa label --rounds K` (service start, K + 1 labeling passes, K
+# students), less what the item spent before it (data, an assistant of its own): the same stop, recorded
+# as an incomplete schedule; a rerun on the same machine resumes at the first unfinished round
+LOOP_BUDGET_S = float(os.environ.get("VESSA_GPU_LOOP_BUDGET_S", "450"))
 # Stage-1 steps when a VESSA item finds no assistant from its assistant item (same warm machine)
 STAGE1_FALLBACK_STEPS = int(os.environ.get("VESSA_GPU_STAGE1_STEPS", "2000"))
 
@@ -338,5 +344,19 @@ def table(result: dict[str, Any]) -> str:
         detail = json.dumps(c["detail"], default=str)
         lines.append(f"{c['check'][:62]:62s} {'yes' if c['ok'] else 'NO':>4s}  {detail[:90]}")
     for k, v in result["figures"].items():
-        lines.append(f"  {k}: {json.dumps(v, default=str)[:150]}")
+        if isinstance(v, list) and v and all(isinstance(row, dict) for row in v):
+            lines.append(f"  {k}:")
+            lines += _rows(v)
+        else:
+            lines.append(f"  {k}: {json.dumps(v, default=str)[:150]}")
     return "\n".join(lines)
+
+
+def _rows(rows: list[dict[str, Any]]) -> list[str]:
+    """A figure that is a list of rows (the loop's per-round table) as aligned columns."""
+    cols = list(dict.fromkeys(c for row in rows for c in row))
+    cells = [
+        ["-" if row.get(c) is None else json.dumps(row[c], default=str)[:40] for c in cols] for row in rows
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    return ["    " + "  ".join(x.rjust(w) for x, w in zip(r, widths)) for r in [cols, *cells]]

@@ -8,7 +8,8 @@
 #           text_vectors.json (the class texts' MiniLM vectors, computed here: the 88 MB text model
 #           cannot travel; assistant_server.text_embedding reads VESSA_TEXT_VECTORS)
 #   serve   .device/ (Ray Serve + Redis, ../shared/tools/device-serve-bundle.sh) and .whl/ (pydantic and its
-#           needs, pydantic-settings, python-dotenv, nibabel, python-multipart: what the device image lacks)
+#           needs, pydantic-settings, python-dotenv, nibabel, python-multipart, pydicom: what the device
+#           image lacks; pydicom because services.ingress.app and services.labeling import it)
 #   data    .gpu-data/acdc: `vessa data prepare` of ../shared/data/acdc (uint8 256x256, ~44 MB), and .whl/
 #   check   sizes of the carry sets of docs/gpu.md against the limit
 set -euo pipefail
@@ -26,7 +27,7 @@ wheels() {  # versions of the project's own environment, so the device runs what
   local pins
   pins=$($PY - <<'PY'
 import importlib.metadata as md
-print(" ".join(f"{n}=={md.version(n)}" for n in ("pydantic", "pydantic-core", "pydantic-settings", "nibabel", "python-multipart", "annotated-types", "typing-inspection", "python-dotenv", "typing-extensions")))
+print(" ".join(f"{n}=={md.version(n)}" for n in ("pydantic", "pydantic-core", "pydantic-settings", "nibabel", "python-multipart", "annotated-types", "typing-inspection", "python-dotenv", "typing-extensions", "pydicom")))
 PY
 )
   # shellcheck disable=SC2086

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.gpu.item import ITEMS_FILE, ROOT, Item
-from benchmarks.gpu.runs import run_assistant, run_perf, run_smoke, run_student
+from benchmarks.gpu.runs import run_assistant, run_loop, run_perf, run_smoke, run_student
 
 
 def items() -> list[str]:
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         run_perf(it)
     elif kind == "assistant":
         run_assistant(it, int(n))
+    elif kind == "loop":
+        run_loop(it, int(n))
     else:
         run_student(it, kind, int(n))
     it.figures["item_wall_s"] = round(time.perf_counter() - t0, 1)

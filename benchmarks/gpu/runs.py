@@ -3,12 +3,16 @@ real answer, not only a clean exit."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 from benchmarks.gpu.item import (
     DICE_FLOOR,
+    LOOP_BUDGET_S,
     PY,
     ROOT,
     STAGE1_FALLBACK_STEPS,
@@ -226,4 +230,136 @@ def run_student(it: Item, method: str, n: int) -> None:
         it.check(f"student eval ({split}): mean Dice ≥ {floor:g}", dice is not None and dice >= floor, dice)
 
 
+def run_loop(it: Item, n: int) -> None:
+    """VESSA's closed loop at its GPU schedule (docs/jobs.md, "The loop"): `vessa label --rounds 3
+    --loop-config configs/loop/gpu.yaml` with the embedded default (Serve replica, Redis, dispatcher) and
+    the student on the device, every case of a dataset with ground truth; the per-round table."""
+    t0 = time.perf_counter()
+    rounds = 2 if it.small else 3
+    source = it.dataset()
+    data = _loop_dataset(it, source, n)
+    from services.labeling.cases import discover
+
+    n_cases = len(discover(data).cases)
+    it.figures["data"] = str(data)
+    it.figures["cases"] = n_cases
+    # the assistant item's output (same warm machine, or --assistant), else a recipe of its own
+    a_dir = it.assistant_dir or ROOT / "runs" / "gpu" / f"assistant-{n}"
+    if not (a_dir / "assistant.pt").is_file():
+        a_dir = it.out / "assistant"
+        it.assistant(n, source, a_dir, steps=STAGE1_FALLBACK_STEPS)
+    it.figures["assistant"] = str(a_dir)
+    job = it.out / "job"
+    if it.small:
+        cfg = it.out / "loop_small.yaml"
+        cfg.write_text(
+            f"loop:\n  labeled: {n}\n  steps: 4\n  batch_size: 4\n  image_size: 32\n  device: {it.device}\n"
+        )
+        enc = ["--encoder", "tiny", "--student-steps", "4"]
+    else:
+        cfg = ROOT / "configs" / "loop" / "gpu.yaml"
+        enc = ["--encoder", "litemedsam"]
+    cmd = [*VESSA, "label", "--data", str(data), "--out", str(job), "--all", "--ckpt", str(a_dir / "assistant.pt"),
+           "--bank", str(a_dir / "bank"), "--device", it.device, *enc, "--rounds", str(rounds), "--loop-config", str(cfg),
+           "--labeled", str(n), "--student-device", it.device, "--no-progress"]  # fmt: skip
+    # the item's budget, less what it spent on data and an assistant of its own
+    budget = max(60.0, LOOP_BUDGET_S - (time.perf_counter() - t0))
+    # a rerun resumes the finished rounds (their round.json); the table is this run's
+    (job / "rounds.json").unlink(missing_ok=True)
+    rc = it.sh("label_loop", cmd, timeout=None if it.small else budget)
+    try:
+        rows = json.loads((job / "rounds.json").read_text())
+    except (OSError, ValueError):  # stopped at the budget: the rounds that were finished
+        rows = [r for r in (_json(job / "rounds" / str(k) / "round.json") for k in range(rounds + 1)) if r]
+    it.figures["completed_schedule"] = rc != 124 and (job / "rounds.json").is_file()
+    it.figures["rounds"] = [
+        {"round": row.get("round"), "cases": row.get("cases"), "failed": row.get("failed"),
+         "confidence_mean": row.get("confidence_mean"), "dice": row.get("dice"),
+         "student_steps": (row.get("train") or {}).get("steps"), "student_s": (row.get("train") or {}).get("seconds"),
+         "student_it_per_s": (row.get("train") or {}).get("iterations_per_s"),
+         "pseudo_slices": (row.get("train") or {}).get("pseudo_slices"), "label_s": row.get("label_seconds")}
+        for row in rows
+    ]  # fmt: skip
+    if rows:
+        it.figures["last_round_dice_per_class"] = rows[-1].get("dice_per_class")
+    manifest = _json(job / "labels.json").get("job", {})
+    it.figures["loop_s"] = manifest.get("loop_seconds")
+    it.figures["rounds_redone"] = manifest.get("rounds_redone")
+
+    got = [row.get("round") for row in rows]
+    it.check(
+        f"loop: rounds 0..{rounds} in rounds.json",
+        it.figures["completed_schedule"] and got == list(range(rounds + 1)),
+        got,
+    )
+    done = [(row.get("cases"), row.get("failed")) for row in rows]
+    it.check(
+        f"loop: all {n_cases} cases labeled in every round, none failed",
+        len(rows) == rounds + 1 and all(c == n_cases and f == 0 for c, f in done),
+        done,
+    )
+    dice = [row.get("dice") for row in rows]
+    scored = [row.get("scored_cases") for row in rows]
+    it.check(
+        "loop: a finite Dice for every round, every case scored",
+        len(rows) == rounds + 1
+        and all(isinstance(d, int | float) and math.isfinite(d) for d in dice)
+        and all(s == n_cases for s in scored),
+        {"dice": dice, "scored": scored},
+    )
+    students = [(job / "rounds" / str(r) / "student.pt").is_file() for r in range(1, rounds + 1)]
+    it.check("loop: a student checkpoint for every round >= 1", all(students), students)
+    floor = 0.0 if it.small else DICE_FLOOR[("loop", n)]
+    last = dice[-1] if len(rows) == rounds + 1 else None
+    it.check(f"loop: round {rounds}'s mean Dice >= {floor:g}", last is not None and last >= floor, last)
+
+
 # -- helpers ---------------------------------------------------------------------------------------------
+def _loop_dataset(it: Item, data: Path, n: int) -> Path:
+    """The loop's dataset: its cases must be volumes (services/labeling/cases.py: `discover`) and its
+    first n patients' slices what the student trains on. A prepared cache (the carried .gpu-data/acdc,
+    the small form's) is neither to `discover`: its validation volumes (at their own size) and the
+    training slices of its first n + 1 patients (at the cache's size; the protocol split needs one
+    patient beyond the labeled ones, whose slices the loop never reads) are written out here in the
+    SSL4MIS layout, with the cache's values. Any other dataset is used as it is."""
+    if not (data / "vessa_cache.json").is_file():
+        return data
+    out = it.out / "loop_data"
+    if (out / "train_slices.list").is_file():
+        return out  # written by an earlier run of the item
+    t0 = time.perf_counter()
+    import h5py
+
+    from shared.data import open_dataset
+
+    ds = open_dataset(data)
+    part = it.out / "loop_data.partial"
+    shutil.rmtree(part, ignore_errors=True)
+    (part / "volumes").mkdir(parents=True)
+    (part / "slices").mkdir()
+    cases = ds.volume_ids("val")
+    for case in cases:
+        vol = ds.read_volume(case, "val")
+        with h5py.File(part / "volumes" / f"{case}.h5", "w") as f:
+            f.create_dataset("image", data=vol.image.astype("float32"))
+            f.create_dataset("label", data=vol.label.astype("uint8"))
+    keep = set(ds.patients()[: n + 1])
+    keys = []
+    for ref in ds.slice_refs():
+        if ref.patient_id in keep:
+            item = ds.read_labeled(ref)
+            with h5py.File(part / "slices" / f"{ref.key}.h5", "w") as f:
+                f.create_dataset("image", data=item.image.astype("float32"))
+                f.create_dataset("label", data=item.label.astype("uint8"))
+            keys.append(ref.key)
+    (part / "val.list").write_text("".join(f"{c}\n" for c in cases))
+    (part / "train_slices.list").write_text("".join(f"{k}\n" for k in keys))  # last: the layout's marker
+    shutil.rmtree(out, ignore_errors=True)
+    part.rename(out)
+    it.figures["loop_data_written_s"] = round(time.perf_counter() - t0, 1)
+    it.check(
+        "loop data: the cache's volumes written out",
+        len(cases) > 0 and len(keys) > 0,
+        {"volumes": len(cases), "slices": len(keys)},
+    )
+    return out

@@ -8,7 +8,9 @@ configs/train/acdc_*_7_gpu.yaml), which tests/unit/assistant_server/test_assista
 tests/unit/student_trainer/test_trainer_cli.py load and validate: only N = 3 runs here, to keep the suite
 short (the N = 7 runs cost 2.7 minutes more on an idle 2-core machine).
 Cost on 2 cores: about 4 minutes on a quiet machine (student items 10-30 s each, the assistant and VESSA
-pair about 1.5 minutes, smoke about 2), several times that when the machine is loaded."""
+pair about 1.5 minutes, smoke about 2), several times that when the machine is loaded; the loop item
+adds its own assistant (about 1 minute) and the embedded service with three labeling passes (3.4 minutes
+in all at nice 19 beside other work, 2026-12-07)."""
 
 from __future__ import annotations
 
@@ -74,8 +76,8 @@ def test_list_is_the_queue_in_order():
     proc = run_item("list")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [
-        "smoke", "perf", "assistant-3", "bcp-3", "vessa-3", "supervised-3",
-        "assistant-7", "bcp-7", "vessa-7", "supervised-7",
+        "smoke", "perf", "assistant-3", "bcp-3", "vessa-3", "loop-3", "supervised-3",
+        "assistant-7", "bcp-7", "vessa-7", "loop-7", "supervised-7",
     ]  # fmt: skip
     bad = run_item("no-such-item", "--small")
     assert bad.returncode != 0 and "unknown item" in bad.stderr
@@ -108,6 +110,28 @@ def test_assistant_then_vessa_items_small(n, cache, tmp_path):
     assert res["figures"]["assistant"] == str(a_out)  # reused, not rebuilt
     table = res["figures"]["graph_step"]
     assert table["table_answered"] > 0 and table["table_builds"] >= 2  # templates-only, then prompted
+
+
+@pytest.mark.timeout(1800)
+def test_loop_item_small(cache, tmp_path):
+    """loop-3: `vessa label --rounds 2` with the embedded default (Serve, Redis, dispatcher) on the
+    cache's validation volumes, written out as volumes with their ground truth (a cache holds none that
+    `discover` reads). The --assistant folder holds no assistant, as on a machine where assistant-3 did
+    not run: the item builds its own (a bank and one Stage-1 step)."""
+    out = tmp_path / "loop-3"
+    args = ["--small", "--data", str(cache), "--out", str(out), "--assistant", str(tmp_path / "no-assistant")]
+    proc = run_item("loop-3", *args)
+    res = passed(proc, out)
+    fig = res["figures"]
+    assert fig["assistant"] == str(out / "assistant") and fig["completed_schedule"] is True
+    assert fig["data"] == str(out / "loop_data") and fig["cases"] >= 3
+    rows = fig["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["cases"] == fig["cases"] and r["failed"] == 0 and r["dice"] is not None for r in rows)
+    assert rows[0]["student_steps"] is None and [r["student_steps"] for r in rows[1:]] == [4, 4]
+    assert all(r["pseudo_slices"] > 0 for r in rows[1:])
+    assert (out / "job" / "rounds" / "2" / "student.pt").is_file()
+    assert "student_steps" in proc.stdout  # the printed table shows the rounds as columns
 
 
 @pytest.mark.timeout(3000)
