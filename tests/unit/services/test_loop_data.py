@@ -223,3 +223,17 @@ def test_slice_weights_and_the_rounds_table():
     assert lines[0].split()[:5] == ["round", "cases", "failed", "conf", "Dice"] and "LV" in lines[0] and "RV" in lines[0]
     assert lines[2].split() == ["0", "3", "0", "0.500", "70.00", "80.00", "60.00", "-", "-"]
     assert lines[3].split() == ["1", "3", "1", "0.600", "-", "-", "-", "100", "40"]
+
+
+def test_shipped_loop_configs_load_as_loop_settings_and_flags_override_them():
+    from services.cli.label import _loop_spec
+    from shared.jobs import LoopSpec
+
+    root = Path(__file__).resolve().parents[3] / "configs" / "loop"
+    cpu = _loop_spec(root / "cpu.yaml", None, None, None, None)
+    gpu = _loop_spec(root / "gpu.yaml", None, None, None, None)
+    # the CPU file is the defaults (1,000 steps: 300 made round 1 worse than round 0 on ACDC)
+    assert cpu == LoopSpec().model_dump() and cpu["steps"] == 1000
+    assert gpu["device"] == "cuda" and gpu["steps"] > cpu["steps"]
+    flagged = _loop_spec(root / "cpu.yaml", 1, 50, 0.2, None)
+    assert (flagged["labeled"], flagged["steps"], flagged["min_confidence"]) == (1, 50, 0.2)
