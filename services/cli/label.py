@@ -267,32 +267,11 @@ def _run_remote(url, token, data, cases, all_cases, classes, probs, batch_slices
 
 
 def _run(job, redis_url: str, show_progress: bool):
-    from tqdm import tqdm
-
+    from services.labeling.progress import terminal_progress
     from services.labeling.report import summary_table
     from services.labeling.runner import run_label_job
 
-    bar: dict = {}
-
-    def on_event(kind: str, data: dict) -> None:
-        if kind == "round":
-            if data["round"] < data["rounds"] or not data["table"] or data["table"][-1]["round"] != data["round"]:
-                typer.echo(f"round {data['round']} of {data['rounds']}" + (" (0: templates only)" if data["round"] == 0 else ": student, then relabel"), err=True)
-        elif kind == "start":
-            bar["t"] = tqdm(total=data["slices"], unit="slice", desc="labeling", disable=not show_progress, dynamic_ncols=True)
-            bar["counts"] = {"ok": 0, "skipped": 0, "failed": 0}
-            bar["n"] = data["cases"]
-        elif kind == "case":
-            rec = data["record"]
-            key = "skipped" if rec is None else ("ok" if rec.status == "ok" else "failed")
-            bar["counts"][key] += 1
-            c = bar["counts"]
-            bar["t"].set_postfix_str(f"cases {sum(c.values())}/{bar['n']} ok {c['ok']} skipped {c['skipped']} failed {c['failed']}")
-            bar["t"].update(data["slices"])
-        elif kind == "done" and "t" in bar:
-            bar["t"].close()
-
-    summary = run_label_job(job, redis_url, on_event)
+    summary = run_label_job(job, redis_url, terminal_progress(show_progress), student_progress=show_progress)
     from services.labeling.outputs import read_records
 
     typer.echo(summary_table(read_records(Path(job.out)), summary))

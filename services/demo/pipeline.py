@@ -4,19 +4,18 @@
 2. bank      a template bank of the labeled cases (LiteMedSAM embeddings, MiniLM class texts)
 3. assistant brief Stage-1 training on the bank
 4. serve     local Ray Serve (CPU profile) + an embedded Redis + a dispatcher process
-5. warm      every unlabeled slice through the Redis path once (templates-only pseudo-labels; the
-             assistant caches its embeddings, so training requests later travel by hash)
-   label     the unlabeled cases as a labeling job through the Redis path (`vessa label`'s runner:
-             NIfTI labels, manifest, ranking by confidence; docs/jobs.md)
-6. students  BCP without the assistant, then BCP with VESSA in the loop (Redis path)
-7. evaluate  both students on the validation volumes (NIfTI predictions written)
-8. report    report.md + overlays (image, ground truth, pseudo-label, predictions) + Dice over iterations
+5. label     the unlabeled cases as a labeling job through the Redis path with the closed loop
+             (`vessa label --rounds K`'s runner, docs/jobs.md): round 0 the assistant's templates-only
+             labels; each round a student learns from the labeled cases + the pseudo-labels and its
+             softmax prompts the assistant's next labels; NIfTI labels, manifest, ranking by confidence
+6. baseline  BCP alone (no assistant), as many student steps as the loop's students had in all
+7. evaluate  BCP alone and every round's student on the validation volumes (NIfTI predictions written)
+8. report    report.md: the per-round table, both students, overlays, Dice over student steps
 and stops everything it started.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import typer
 
-STEPS = ["data", "bank", "assistant", "serve", "warm", "label", "baseline student", "VESSA student", "evaluate", "report"]
+STEPS = ["data", "bank", "assistant", "serve", "label", "baseline student", "evaluate", "report"]
 
 
 class Progress:
@@ -54,32 +53,32 @@ class Progress:
 
 
 def demo_cmd(
-    out: Path = typer.Option(Path("runs/demo"), help="output directory (report, checkpoints, predictions)"),
+    out: Path = typer.Option(Path("runs/demo"), help="output directory (report, checkpoints, labels, predictions)"),
     data: Path | None = typer.Option(None, help="dataset to use instead of generating the synthetic one"),
     cases: int = typer.Option(12, help="synthetic cases to generate"),
     seed: int = typer.Option(0, help="seed of the data, the assistant and the students"),
     labeled: int = typer.Option(2, help="labeled patients (the first N, protocol order)"),
     assistant_steps: int = typer.Option(200, help="Stage-1 training steps of the assistant"),
-    pretrain_iters: int = typer.Option(60, help="BCP pre-training iterations"),
-    self_train_iters: int = typer.Option(240, help="BCP self-training iterations"),
+    rounds: int = typer.Option(2, min=1, max=20, help="rounds of the closed loop after the templates-only labels"),
+    student_steps: int = typer.Option(200, min=10, help="student training steps per round (BCP alone gets rounds × this)"),
     image_size: int = typer.Option(128, help="student input size (the assistant always sees 256×256)"),
     port: int = typer.Option(0, help="HTTP port of the local Serve app (0: a free one)"),
 ):
-    """Run the whole pipeline on the embedded default and write a report (about 7 minutes on 2 CPU cores)."""
+    """Run the whole pipeline on the embedded default and write a report (about 10 minutes on 2 CPU cores)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     p = Progress()
     started: dict = {}
     try:
-        report = _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_train_iters, image_size, port, p, started)
+        report = _run(out, data, cases, seed, labeled, assistant_steps, rounds, student_steps, image_size, port, p, started)
     finally:
         _stop(started)
     typer.secho(f"\ndone in {p.elapsed / 60:.1f} min: {out / 'report.md'}", bold=True)
     typer.echo(report["summary_table"])
 
 
-def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_train_iters, image_size, port, p, started) -> dict:
+def _run(out, data, cases, seed, labeled, assistant_steps, rounds, student_steps, image_size, port, p, started) -> dict:
     import torch
 
     from assistant_server.precision import cpu_bf16_fast
@@ -132,8 +131,8 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
     port = port or free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cpu0 = {"ray_actor_options": {"num_cpus": 0}}
-    # the demo owns the machine: the assistant may use every core (its encoder is the longest step);
-    # while the VESSA student trains beside it, each gets a share (_share_cores)
+    # the demo owns the machine: the assistant may use every core while it labels, and the loop's
+    # student trains in this process while the replica waits (they take turns, so no split is needed)
     all_cores = {
         "ray_actor_options": {"num_cpus": 0, "runtime_env": all_cores_runtime_env()},
         "user_config": {"torch_threads": cores},
@@ -157,140 +156,78 @@ def _run(out, data, cases, seed, labeled, assistant_steps, pretrain_iters, self_
         env=dict(os.environ, VESSA_REDIS_URL=redis_server.url),
     )
     typer.echo(f"  REST API {url} (docs at {url}/docs); Redis {redis_server.url}")
-    # 5. warm --------------------------------------------------------------------------------------
-    p.stage("warm", "every unlabeled slice through the Redis path once (templates-only)")
-    pseudo = asyncio.run(_warm(redis_server.url, data, labeled))
-    p.stage("label", "the unlabeled cases as a labeling job through the Redis path")
-    labeling = _label_unlabeled(redis_server.url, data, labeled, out / "labels")
-    # 6-7. students ----------------------------------------------------------------------------------
+    # 5. label: the closed loop ----------------------------------------------------------------------
+    from shared.jobs import LoopSpec
+
+    loop = LoopSpec(labeled=labeled, steps=student_steps, image_size=image_size, seed=seed)
+    p.stage("label", f"the unlabeled cases through the Redis path: round 0 + {rounds} rounds of the loop ({student_steps} student steps each)")
+    labeling = _label_unlabeled(redis_server.url, data, labeled, out / "labels", rounds=rounds, loop=loop)
+    # 6. BCP alone at the same budget --------------------------------------------------------------------
     from shared.config import load_settings
     from student_trainer.config import TrainSettings
     from student_trainer.train import train
 
-    common = {
-        "seed": seed,
-        "device": "cpu",
-        "data": {"root": str(data), "n_labeled": labeled, "image_size": image_size},
-        "batch_size": 8,
-        "labeled_bs": 4,
-        "max_iters": self_train_iters,
-        "val_every": max(5, self_train_iters // 8),
-        "save_every": self_train_iters,
-        "log_every": 5,
-        "optim": {"schedule": "constant"},
-        "bcp": {"pretrain_iters": pretrain_iters},
-        "final_eval": True,
-        "num_threads": cores,
-    }
-    results = {}
-    p.stage("baseline student", f"BCP, {pretrain_iters} + {self_train_iters} iterations")
-    results["bcp"] = train(load_settings(TrainSettings, None, method="bcp", out_dir=out / "student_bcp", **common))
-    p.stage("VESSA student", "BCP + VESSA pseudo-labels over Redis (same seed, same schedule)")
-    vessa_cfg = {
-        "link": "student_trainer.stream_link:StreamAssistantLink",
-        "link_kwargs": {"redis_url": redis_server.url, "trainer_id": "demo", "max_in_flight": 8},
-        # templates-only for the first three quarters (answers the warm stage already computed and the
-        # assistant remembers), then the feedback loop: the teacher's softmax becomes the prompt
-        "warmup_iters": (3 * self_train_iters) // 4,
-        "prefetch": 4,
-        "timeout_s": 60.0,
-        "log_every": 10,
-        # a young teacher is unsure everywhere: take the assistant's organs where it is confident of
-        # them, never its background over an organ the teacher found (student_trainer/fusion.py)
-        "fusion": {"mode": "assistant_confident", "tau": 0.5, "background_overrides": False},
-    }
-    trainer_threads = _share_cores(cores)
-    results["bcp_vessa"] = train(
+    budget = rounds * student_steps
+    pretrain = max(1, budget // 5)  # BCP's supervised warm-up, then its copy-paste self-training
+    p.stage("baseline student", f"BCP alone (no assistant): {pretrain} + {budget - pretrain} steps, the loop's {rounds} × {student_steps}")
+    bcp = train(
         load_settings(
             TrainSettings,
             None,
-            method="bcp_vessa",
-            out_dir=out / "student_vessa",
-            vessa=vessa_cfg,
-            **{**common, "num_threads": trainer_threads},
+            method="bcp",
+            out_dir=out / "student_bcp",
+            seed=seed,
+            device="cpu",
+            data={"root": str(data), "n_labeled": labeled, "image_size": image_size},
+            batch_size=loop.batch_size,
+            labeled_bs=loop.batch_size // 2,
+            max_iters=budget - pretrain,
+            val_every=max(5, student_steps // 2),
+            save_every=budget,
+            log_every=10,
+            bcp={"pretrain_iters": pretrain},
+            final_eval=False,
+            num_threads=cores,
         )
     )
-    _set_replica_threads(cores)
-    # 8. evaluate ----------------------------------------------------------------------------------
+    # 7. evaluate ----------------------------------------------------------------------------------
     from student_trainer.evaluate import run_eval
 
     p.stage("evaluate", "validation volumes: Dice, Jaccard, HD95, ASD; NIfTI predictions")
-    evals = {}
-    for name, sub in (("bcp", "student_bcp"), ("bcp_vessa", "student_vessa")):
-        evals[name] = run_eval(out / sub / "best.pt", data, "val", out_dir=out / "eval" / name, device="cpu")
-    # 9. report ------------------------------------------------------------------------------------
+    # both students as they ended (neither picked on the validation volumes)
+    evals = {"bcp": run_eval(out / "student_bcp" / "latest.pt", data, "val", out_dir=out / "eval" / "bcp", device="cpu")}
+    students = {}
+    for row in labeling["rounds"]:
+        if row.get("student"):
+            r = row["round"]
+            students[r] = labeling["out"] / row["student"]
+            sub = "loop" if r == rounds else f"loop_round{r}"
+            evals[sub] = run_eval(students[r], data, "val", out_dir=out / "eval" / sub, device="cpu")
+    # 8. report ------------------------------------------------------------------------------------
     p.stage("report", str(out / "report.md"))
     from services.demo.report import write_report
 
     schedule = {
         "labeled_patients": labeled,
         "assistant_steps": assistant_steps,
-        "pretrain_iters": pretrain_iters,
-        "self_train_iters": self_train_iters,
-        "templates_only_iters": vessa_cfg["warmup_iters"],
-        "fusion": vessa_cfg["fusion"],
+        "rounds": rounds,
+        "student_steps_per_round": student_steps,
+        "bcp_alone_steps": {"pretrain": pretrain, "self_train": budget - pretrain},
         "image_size": image_size,
         "cpu_bf16": bf16,
+        "seed": seed,
     }
-    return write_report(out, data, url, results, evals, pseudo, p.elapsed, schedule, p.seconds, labeling=labeling)
+    return write_report(out, data, url, bcp, evals, students, p.elapsed, schedule, p.seconds, labeling=labeling)
 
 
-def _set_replica_threads(n: int) -> None:
-    """The assistant replica's torch threads, changed in place (its embedding cache stays). The demo runs
-    one replica, so one handle call reaches it; a config file's `user_config` does the same for all."""
-    from ray import serve
-
-    serve.get_deployment_handle("VessaAssistant", app_name="vessa").reconfigure.remote({"torch_threads": n}).result()
-
-
-def _share_cores(cores: int) -> int:
-    """Split the cores between the trainer and the assistant replica while both work; returns the
-    trainer's share. Two processes that each use every core run several times slower than either alone
-    (their threads preempt each other), and that is what the VESSA student did before."""
-    replica = max(1, cores // 2)
-    _set_replica_threads(replica)
-    return max(1, cores - replica)
-
-
-async def _warm(redis_url: str, data: Path, labeled: int) -> dict:
-    """Send every unlabeled canonical slice once; returns {slice key: (canonical image, pseudo-label)}."""
-    from tqdm import tqdm
-
-    from shared.data import open_dataset
-    from shared.data.split import split_by_patient
-    from shared.wire.canonical import canonical_slices
-    from shared.wire.stream_client import AsyncStreamClient
-
-    split = split_by_patient(open_dataset(data), labeled)
-    pool = split.unlabeled
-    client = AsyncStreamClient(redis_url, "demo-warm", max_in_flight=4)
-    await client.start()
-    out: dict = {}
-    bar = tqdm(total=len(pool), desc="pseudo-labels", unit="slice")
-    batch = 4
-    pending = []
-    for start in range(0, len(pool), batch):
-        items = [pool[i] for i in range(start, min(start + batch, len(pool)))]
-        images = canonical_slices([it.image for it in items])
-        rid = await client.submit(images)
-        pending.append((rid, items, images))
-    for rid, items, images in pending:
-        res = await client.result(rid, 900)
-        if res is not None and res.status == "ok":
-            for it, img, lab in zip(items, images, res.labels):
-                out[it.ref.key] = (img, lab)
-        bar.update(len(items))
-    bar.close()
-    await client.close()
-    return out
-
-
-def _label_unlabeled(redis_url: str, data: Path, labeled: int, out: Path) -> dict | None:
+def _label_unlabeled(redis_url: str, data: Path, labeled: int, out: Path, rounds: int = 0, loop=None) -> dict | None:
     """The unlabeled patients' cases through the label runner (the Redis path, like `vessa label
-    --redis`); returns the summary and the ranking for the report, or None when the layout has no such
-    cases as volumes (an SSL4MIS dataset keeps its unlabeled cases as slices only)."""
+    --redis`; with `rounds` the closed loop, `vessa label --rounds`); returns the summary, the ranking,
+    the records and the per-round table for the report, or None when the layout has no such cases as
+    volumes (an SSL4MIS dataset keeps its unlabeled cases as slices only)."""
     from services.labeling.cases import discover
-    from services.labeling.outputs import read_records
+    from services.labeling.outputs import read_manifest, read_records
+    from services.labeling.progress import terminal_progress
     from services.labeling.ranking import ranking
     from services.labeling.report import summary_table
     from services.labeling.runner import run_label_job
@@ -303,12 +240,21 @@ def _label_unlabeled(redis_url: str, data: Path, labeled: int, out: Path) -> dic
     volumes = {c.case_id for c in discover(data).cases}
     cases = sorted(unlabeled & volumes)
     if not cases:
+        if rounds:
+            raise typer.BadParameter(f"{data} keeps no unlabeled case as a volume: the loop has nothing to label", param_hint="--data")
         typer.echo("  no unlabeled cases stored as volumes: labeling step skipped")
         return None
-    summary = run_label_job(JobSpec(data=str(data), out=str(out), cases=cases, selection="all"), redis_url)
+    extra = {"rounds": rounds, "loop": loop} if rounds else {}
+    job = JobSpec(data=str(data), out=str(out), cases=cases, selection="all", **extra)
+    summary = run_label_job(job, redis_url, terminal_progress(), student_progress=True)
     records = read_records(out)
     typer.echo(summary_table(records, summary))
-    return {"out": out, "summary": summary, "ranking": ranking(records), "records": records}
+    table = read_manifest(out)["job"].get("rounds") or [] if rounds else []
+    if table:
+        from services.labeling.loop import rounds_table
+
+        typer.echo(rounds_table(table))
+    return {"out": Path(out), "summary": summary, "ranking": ranking(records), "records": records, "rounds": table}
 
 
 def _stop(started: dict) -> None:

@@ -1,4 +1,5 @@
-"""The demo's report: report.md, overlays of a validation slice, and validation Dice over iterations."""
+"""The demo's report: report.md with the loop's per-round table and both students, overlays of a validation
+slice and of one unlabeled case over the rounds, validation Dice over student steps."""
 
 from __future__ import annotations
 
@@ -72,20 +73,72 @@ serve the demo's assistant with jobs on and open the review page (docs/review.md
 """
 
 
+def _rounds_section(out: Path, labeling: dict, evals: dict, plt) -> str:
+    """The loop's per-round table (pseudo-labels of the unlabeled cases; that round's student on the
+    validation volumes) and the least trusted case's labels round by round."""
+    from services.labeling.cases import CaseInput, read_case
+    from shared.data.nifti import load_label_nifti
+
+    rows = ["| round | pseudo-labels: mean Dice (unlabeled cases) | per class | mean confidence | Spearman (confidence, Dice) | student: validation Dice | student steps | seconds (student + labels) |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    n = len(labeling["rounds"]) - 1
+    for row in labeling["rounds"]:
+        r = row["round"]
+        ev = evals.get("loop" if r == n else f"loop_round{r}")
+        student = f"{100 * ev['summary']['mean']['dice']:.2f}" if ev else "-"
+        per = ", ".join(f"{k} {v:.1f}" for k, v in (row.get("dice_per_class") or {}).items())
+        dice = "-" if row.get("dice") is None else f"{row['dice']:.2f}"
+        rho = row.get("spearman_confidence_dice")
+        t = row.get("train") or {}
+        secs = f"{t.get('seconds', 0):.0f} + {row.get('label_seconds', 0):.0f}"
+        rows.append(f"| {r} | {dice} | {per} | {row.get('confidence_mean') or 0:.3f} | {'-' if rho is None else f'{rho:.2f}'} | {student} | {t.get('steps', '-')} | {secs} |")
+    picture = ""
+    ranking, records = labeling["ranking"], labeling["records"]
+    if ranking:
+        case_id = ranking[0]["case_id"]
+        rec = records[case_id]
+        kind = "h5" if rec.input.endswith(".h5") else "nifti"
+        vol = read_case(CaseInput(rec.case_id, Path(rec.input), kind, False))
+        axes_ = vol.meta.get("axes", (2, 0, 1))
+        labs = [load_label_nifti(Path(labeling["out"]) / "rounds" / str(r["round"]) / rec.output, axes=axes_) for r in labeling["rounds"]]
+        z = int(np.argmax((labs[-1] > 0).reshape(labs[-1].shape[0], -1).sum(1)))
+        fig, axes = plt.subplots(1, len(labs) + 1, figsize=(3.2 * (len(labs) + 1), 3.4))
+        _overlay(axes[0], vol.image[z], None, f"{case_id} slice {z}")
+        for ax, r, lab in zip(axes[1:], labeling["rounds"], labs):
+            _overlay(ax, vol.image[z], lab[z], f"round {r['round']}" + (" (templates only)" if r["round"] == 0 else ""))
+        fig.tight_layout()
+        fig.savefig(out / "rounds.png", dpi=110)
+        plt.close(fig)
+        picture = f"\n![the least trusted case's labels, round by round](rounds.png)\n\nThe least trusted case ({case_id}) after the last round, its labels round by round.\n"
+    return f"""
+## The loop, round by round
+
+Round 0 is the assistant's templates-only labels; in each later round a student learns from the
+labeled patients plus the previous round's pseudo-labels (each slice weighted by the assistant's
+confidence), and its softmax is the prompt of the assistant's next labels (docs/jobs.md, "The loop").
+The pseudo-labels' Dice is against the unlabeled cases' ground truth, read only to score them
+(`vessa label score`); training never reads it. The students are scored on the validation volumes.
+
+{chr(10).join(rows)}
+{picture}"""
+
+
 def write_report(
     out: Path,
     data: Path,
     url: str,
-    results: dict,
+    bcp: dict,
     evals: dict,
-    pseudo: dict,
+    students: dict[int, Path],
     elapsed: float,
     schedule: dict | None = None,
     stage_s: dict[str, float] | None = None,
     labeling: dict | None = None,
 ) -> dict:
-    """schedule: the run's settings worth stating (steps, warm-up, fusion); stage_s: seconds per stage;
-    labeling: the labeling job's summary, ranking and records (services/demo/pipeline.py `_label_unlabeled`)."""
+    """bcp: BCP alone's training result; evals: `run_eval` reports by name ("bcp", "loop" — the last
+    round's student — and "loop_round<r>"); students: round → student checkpoint; schedule: the run's
+    settings worth stating; stage_s: seconds per stage; labeling: the labeling job's summary, ranking,
+    records and per-round table (services/demo/pipeline.py `_label_unlabeled`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,14 +148,18 @@ def write_report(
     from shared.data import open_dataset
     from shared.metrics import comparison_table
 
-    # Dice over iterations -------------------------------------------------------------------------
+    last = max(students) if students else None
+    steps = (schedule or {}).get("student_steps_per_round", 0)
+    # Validation Dice over student steps: BCP alone's curve, the loop's student after each round -------
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, label in (("bcp", "BCP (teacher only)"), ("bcp_vessa", "BCP + VESSA")):
-        pts = [(s, d) for s, phase, d in results[name].get("val_dice", []) if phase == "train"]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("validation mean Dice")
+    pts = [(s, 100 * d) for s, _phase, d in bcp.get("val_dice", [])]
+    if pts:
+        ax.plot(*zip(*pts), marker="o", label="BCP alone")
+    loop_pts = [(r * steps, 100 * evals[("loop" if r == last else f"loop_round{r}")]["summary"]["mean"]["dice"]) for r in sorted(students)]
+    if loop_pts:
+        ax.plot(*zip(*loop_pts), marker="s", label="the loop's student (end of each round)")
+    ax.set_xlabel("student steps")
+    ax.set_ylabel("validation mean Dice (%)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -118,39 +175,36 @@ def write_report(
     client = AssistantClient(url, timeout=600)
     assistant_label = client.pseudo_labels(image[None].astype(np.float32)).labels[0]
     client.close()
-    preds = {name: _student_prediction(out / sub / "best.pt", image) for name, sub in (("bcp", "student_bcp"), ("bcp_vessa", "student_vessa"))}
     fig, axes = plt.subplots(1, 5, figsize=(15, 3.4))
     _overlay(axes[0], image, None, f"{case} slice {z}")
     _overlay(axes[1], image, vol.label[z], "ground truth")
-    _overlay(axes[2], image, assistant_label, "VESSA pseudo-label (REST)")
-    _overlay(axes[3], image, preds["bcp"], "student: BCP")
-    _overlay(axes[4], image, preds["bcp_vessa"], "student: BCP + VESSA")
+    _overlay(axes[2], image, assistant_label, "VESSA, templates only (REST)")
+    _overlay(axes[3], image, _student_prediction(out / "student_bcp" / "latest.pt", image), "student: BCP alone")
+    if last is not None:
+        _overlay(axes[4], image, _student_prediction(students[last], image), f"student: the loop, round {last}")
     fig.tight_layout()
     fig.savefig(out / "overlays.png", dpi=110)
     plt.close(fig)
-    # Pseudo-labels of unlabeled slices as the trainer got them (no ground truth: it is never read)
-    keys = list(pseudo)[:: max(1, len(pseudo) // 4)][:4]
-    if keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4))
-        for ax, k in zip(np.atleast_1d(axes), keys):
-            img, lab = pseudo[k]
-            _overlay(ax, img, lab, k)
-        fig.tight_layout()
-        fig.savefig(out / "pseudo_labels.png", dpi=110)
-        plt.close(fig)
 
+    rounds_md = _rounds_section(out, labeling, evals, plt) if labeling and labeling.get("rounds") else ""
     labeling_md = _labeling_section(out, labeling, plt) if labeling else ""
-    summaries = {"BCP": evals["bcp"]["summary"], "BCP + VESSA": evals["bcp_vessa"]["summary"]}
+    summaries = {"BCP alone": evals["bcp"]["summary"]}
+    if "loop" in evals:
+        summaries[f"the loop's student (round {last})"] = evals["loop"]["summary"]
     table = comparison_table(summaries)
     d_bcp = 100 * evals["bcp"]["summary"]["mean"]["dice"]
-    d_vessa = 100 * evals["bcp_vessa"]["summary"]["mean"]["dice"]
-    verdict = "ahead of" if d_vessa > d_bcp else "not ahead of"
-    assistant = results["bcp_vessa"].get("assistant", {})
+    d_loop = 100 * evals["loop"]["summary"]["mean"]["dice"] if "loop" in evals else float("nan")
+    verdict = "ahead of" if d_loop > d_bcp else "not ahead of"
+    pseudo = [row.get("dice") for row in (labeling or {}).get("rounds", [])]
+    pseudo_line = ""
+    if pseudo and all(d is not None for d in pseudo):
+        pseudo_line = f"The pseudo-labels of the unlabeled cases went from {pseudo[0]:.2f} (round 0, templates only) to {pseudo[-1]:.2f} mean Dice (round {len(pseudo) - 1}).\n"
     md = f"""# VESSA demo report
 
 Data: `{data}` ({len(ds.patients())} training patients, {len(ds.volume_ids('val'))} validation volumes).
-Run time: {elapsed / 60:.1f} min. Same seed and schedule for both students; the VESSA student got its
-pseudo-labels from the assistant over Redis (Ray Serve, CPU profile).
+Run time: {elapsed / 60:.1f} min. The assistant served from Ray Serve (CPU profile); every label went
+through the Redis path as one labeling job with the closed loop (`vessa label --rounds`). BCP alone had
+as many student steps as the loop's students together, the same seed, batch and input size.
 
 ## Validation volumes (3D, per class)
 
@@ -158,35 +212,31 @@ pseudo-labels from the assistant over Redis (Ray Serve, CPU profile).
 {table}
 ```
 
-The VESSA-in-the-loop student is **{verdict}** the student trained without it: mean Dice
-{d_vessa:.2f}% vs {d_bcp:.2f}% ({d_vessa - d_bcp:+.2f} points).
-
+The loop's student is **{verdict}** BCP alone at the same budget: mean Dice {d_loop:.2f}% vs {d_bcp:.2f}%
+({d_loop - d_bcp:+.2f} points). Both as they ended (neither picked on the validation volumes).
+{pseudo_line}
 Schedule: {json.dumps(schedule or {})}
 
 Time per stage (s): {json.dumps({k: round(v) for k, v in (stage_s or {}).items()})}
-
-Assistant traffic during training: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in assistant.items()})}
-
+{rounds_md}
 ## Pictures
 
 ![overlays](overlays.png)
 
-Image, ground truth, the assistant's pseudo-label (REST), and both students' predictions
-(red RV, green Myo, blue LV).
+Image, ground truth, the assistant's templates-only pseudo-label (REST), BCP alone's prediction and the
+loop's student's (red RV, green Myo, blue LV).
 
-![validation Dice over iterations](val_dice.png)
+![validation Dice over student steps](val_dice.png)
 
-![pseudo-labels of unlabeled slices](pseudo_labels.png)
-
-Pseudo-labels of unlabeled training slices as the trainer received them (their ground truth is never
-read by training code, so none is shown).
-
-Predictions as NIfTI: `eval/bcp/predictions/`, `eval/bcp_vessa/predictions/`.
+Predictions as NIfTI: `eval/bcp/predictions/`, `eval/loop/predictions/`; the loop's students
+`labels/rounds/<r>/student.pt` (`vessa predict --ckpt …`).
 {labeling_md}"""
     (out / "report.md").write_text(md)
     summary = {
         "dice_bcp": d_bcp,
-        "dice_vessa": d_vessa,
+        "dice_loop": d_loop,
+        "pseudo_dice_per_round": pseudo,
+        "student_dice_per_round": {r: 100 * evals["loop" if r == last else f"loop_round{r}"]["summary"]["mean"]["dice"] for r in sorted(students)},
         "summary_table": table,
         "elapsed_s": elapsed,
         "schedule": schedule or {},

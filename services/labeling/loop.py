@@ -171,8 +171,9 @@ def pseudo_slices(
     )
 
 
-def train_settings(job: JobSpec, out_dir: Path, r: int):
-    """The Stage-2 trainer's settings for round r's student (student_trainer/config.py)."""
+def train_settings(job: JobSpec, out_dir: Path, r: int, progress: bool = False):
+    """The Stage-2 trainer's settings for round r's student (student_trainer/config.py); `progress`: the
+    trainer's progress bar on the terminal (a local `vessa label`, the demo; not in a service's actor)."""
     from student_trainer.config import TrainSettings
 
     lp = job.loop
@@ -188,14 +189,14 @@ def train_settings(job: JobSpec, out_dir: Path, r: int):
         save_every=lp.steps,
         log_every=max(1, min(20, lp.steps)),
         final_eval=False,
-        progress=False,
+        progress=progress,
         data={"root": Path(job.data), "n_labeled": lp.labeled, "image_size": lp.image_size, "val_split": ""},
         optim={"lr": lp.lr, "schedule": "poly"},
         bcp={"u_weight": 1.0},
     )
 
 
-def train_student(job: JobSpec, pseudo: PseudoLabeledSlices, rdir: Path, r: int, key: str, init: Path | None) -> dict:
+def train_student(job: JobSpec, pseudo: PseudoLabeledSlices, rdir: Path, r: int, key: str, init: Path | None, progress: bool = False) -> dict:
     """Round r's student: trained with the `pseudo_labels` method, saved as `rdir/student.pt` (model only,
     a `vessa predict` checkpoint, the round's key inside). Returns the trainer's summary."""
     import torch
@@ -204,7 +205,7 @@ def train_student(job: JobSpec, pseudo: PseudoLabeledSlices, rdir: Path, r: int,
     from student_trainer.train import Trainer
 
     torch.manual_seed(job.loop.seed + r)
-    cfg = train_settings(job, rdir / "train", r)
+    cfg = train_settings(job, rdir / "train", r, progress)
     trainer = Trainer(cfg, pseudo=pseudo)
     if init is not None and init.is_file():
         trainer.model.load_state_dict(load_checkpoint(init, map_location=trainer.device)["model"])
@@ -273,6 +274,7 @@ class LoopRunner:
         should_stop=None,
         run_id: str | None = None,
         request_stream: str = BULK_STREAM,
+        student_progress: bool = False,
     ):
         if job.out is None:
             raise ValueError("the job has no output directory (JobSpec.out)")
@@ -284,6 +286,7 @@ class LoopRunner:
         self.should_stop = should_stop or (lambda: False)
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.request_stream = request_stream
+        self.student_progress = student_progress
         self.summary = JobSummary(self.run_id)
         self.table: list[dict] = []
         self.redone: list[int] = []  # rounds worked on in this run (the others were finished before)
@@ -371,7 +374,7 @@ class LoopRunner:
                     pseudo_slices, prev, records, labeled_cases, labeled_patients, j.loop.min_confidence, j.loop.weighted
                 )
                 init = round_dir(out, r - 1) / STUDENT_FILE if j.loop.warm_start and r > 1 else None
-                train_info = await asyncio.to_thread(train_student, j, pseudo, rdir, r, key, init)
+                train_info = await asyncio.to_thread(train_student, j, pseudo, rdir, r, key, init, self.student_progress)
                 train_info.update(
                     {
                         "pseudo_slices": len(pseudo),

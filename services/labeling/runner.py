@@ -498,15 +498,16 @@ class LabelRunner:
         return rec
 
 
-def make_runner(job: JobSpec, redis_url: str, on_event: Event | None = None, should_stop=None, run_id: str | None = None):
+def make_runner(job: JobSpec, redis_url: str, on_event: Event | None = None, should_stop=None, run_id: str | None = None, student_progress: bool = False):
     """The job's runner: a `LabelRunner`, or for `rounds` > 0 the closed loop (`LoopRunner`), which has
-    the same interface (`run()`, `summary`)."""
+    the same interface (`run()`, `summary`); `student_progress`: the loop's students show the trainer's
+    progress bar (on a terminal)."""
     if job.rounds > 0:
         from services.labeling.loop import LoopRunner
 
-        return LoopRunner(job, redis_url, on_event, should_stop, run_id=run_id)
+        return LoopRunner(job, redis_url, on_event, should_stop, run_id=run_id, student_progress=student_progress)
     return LabelRunner(job, redis_url, on_event, should_stop, run_id=run_id)
 
 
-def run_label_job(job: JobSpec, redis_url: str, on_event: Event | None = None, should_stop=None) -> JobSummary:
-    return asyncio.run(make_runner(job, redis_url, on_event, should_stop).run())
+def run_label_job(job: JobSpec, redis_url: str, on_event: Event | None = None, should_stop=None, student_progress: bool = False) -> JobSummary:
+    return asyncio.run(make_runner(job, redis_url, on_event, should_stop, student_progress=student_progress).run())
