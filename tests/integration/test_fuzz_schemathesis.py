@@ -15,6 +15,12 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+
+# imported now, at collection, not lazily by `from_url` inside a fixture: pytest rewrites schemathesis'
+# modules (a pytest plugin) with ast.parse, and CPython 3.11.7's AST recursion bookkeeping, once thrown
+# off in this long-lived process (python/cpython#106905, fixed in 3.11.8), fails every later parse with
+# "SystemError: AST constructor recursion depth mismatch" — seen once on 2026-12-07 as 59 setup errors
+import schemathesis.specs.openapi.schemas  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
