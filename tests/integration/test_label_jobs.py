@@ -230,46 +230,32 @@ def test_two_jobs_and_a_trainer_share_the_service(serve_app, redis_server, dispa
         assert json.loads((tmp_path / name / "labels.json").read_text())["counts"]["failed"] == 0
 
 
-def test_demo_labeling_step_ranks_and_pictures_the_unlabeled_cases(serve_app, redis_server, dispatcher, synth_dir, tmp_path):
-    """The demo's labeling step (services/demo/pipeline.py) and its report section: the unlabeled patients'
-    cases (here the 2 training cases after the first 4 patients) labeled as a job, ranked, pictured."""
+def test_demo_labeling_step_runs_the_loop_tables_each_round_ranks_and_pictures(serve_app, redis_server, dispatcher, synth_dir, tmp_path):
+    """The demo's labeling step (services/demo/pipeline.py) with the closed loop, as `vessa demo` runs it:
+    the unlabeled patients' cases (here the 2 training cases after the first 4 patients) labeled as one
+    job, round 0 and one student round, the per-round table scored against those cases' truth, and the
+    report's sections: the ranking with the least and most trusted labels, a case over the rounds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from services.demo.pipeline import _label_unlabeled
-    from services.demo.report import _labeling_section
-
-    labeling = _label_unlabeled(redis_server.url, synth_dir, 4, tmp_path / "labels")
-    assert sorted(labeling["records"]) == ["synth004", "synth005"]
-    assert labeling["summary"].labeled == 2
-    md = _labeling_section(tmp_path, labeling, plt)
-    assert "| 1 | " in md and "| 2 | " in md and "labels_ranking.png" in md
-    assert (tmp_path / "labels_ranking.png").stat().st_size > 1000
-
-
-def test_demo_loop_step_tables_each_round_and_pictures_a_case_over_the_rounds(serve_app, redis_server, dispatcher, synth_dir, tmp_path):
-    """The demo's labeling step with the closed loop (`vessa demo`'s default): round 0 and one student
-    round, the per-round table scored against the unlabeled cases' truth, and the report's section with
-    the least trusted case's labels round by round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from services.demo.pipeline import _label_unlabeled
-    from services.demo.report import _rounds_section
+    from services.demo.report import _labeling_section, _rounds_section
     from shared.jobs import LoopSpec
 
     loop = LoopSpec(labeled=4, steps=4, batch_size=4, image_size=64, seed=0)
     labeling = _label_unlabeled(redis_server.url, synth_dir, 4, tmp_path / "labels", rounds=1, loop=loop)
+    assert sorted(labeling["records"]) == ["synth004", "synth005"]
+    assert labeling["summary"].labeled == 2  # the last pass's
     assert [row["round"] for row in labeling["rounds"]] == [0, 1]
     assert all(row["failed"] == 0 and row["cases"] == 2 for row in labeling["rounds"])
     assert all(0.0 <= row["dice"] <= 100.0 for row in labeling["rounds"])  # scored: the synthetic set has truth
     student = labeling["out"] / labeling["rounds"][1]["student"]
     assert student.is_file() and labeling["rounds"][1]["train"]["steps"] == 4
-    fake_eval = {"loop": {"summary": {"mean": {"dice": 0.5}}}}
-    md = _rounds_section(tmp_path, labeling, fake_eval, plt)
+    md = _labeling_section(tmp_path, labeling, plt)
+    assert "| 1 | " in md and "| 2 | " in md and "labels_ranking.png" in md
+    assert (tmp_path / "labels_ranking.png").stat().st_size > 1000
+    md = _rounds_section(tmp_path, labeling, {"loop": {"summary": {"mean": {"dice": 0.5}}}}, plt)
     assert "| 0 | " in md and "| 1 | " in md and "50.00" in md and "rounds.png" in md
     assert (tmp_path / "rounds.png").stat().st_size > 1000
