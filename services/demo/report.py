@@ -54,10 +54,12 @@ def _labeling_section(out: Path, labeling: dict, plt) -> str:
         plt.close(fig)
         picture = "\n![least and most trusted labels](labels_ranking.png)\n"
     root = Path(labeling["out"]).resolve().parent
+    rounds = labeling.get("rounds") or []
+    last_pass = f"; its last pass (round {rounds[-1]['round']})" if rounds else ""
     return f"""
 ## Labeling job: the unlabeled cases
 
-The unlabeled cases went through the Redis path as one labeling job (`vessa label`'s runner):
+The unlabeled cases went through the Redis path as one labeling job (`vessa label`'s runner){last_pass}:
 {s.labeled} labeled, {s.skipped} already done, {s.failed} failed, {s.slices} slices in {s.seconds:.1f} s
 ({s.slices_per_s:.2f} slices/s). Labels and manifest: `labels/` (`labels/labels.json`). Ranked from
 least to most trusted by the assistant's confidence (`vessa label rank {labeling['out']}`):
