@@ -64,7 +64,7 @@ def demo_cmd(
     image_size: int = typer.Option(128, help="student input size (the assistant always sees 256×256)"),
     port: int = typer.Option(0, help="HTTP port of the local Serve app (0: a free one)"),
 ):
-    """Run the whole pipeline on the embedded default and write a report (about 10 minutes on 2 CPU cores)."""
+    """Run the whole pipeline on the embedded default and write a report (10-15 minutes on 2 CPU cores)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
