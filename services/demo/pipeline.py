@@ -195,14 +195,12 @@ def _run(out, data, cases, seed, labeled, assistant_steps, rounds, student_steps
 
     p.stage("evaluate", "validation volumes: Dice, Jaccard, HD95, ASD; NIfTI predictions")
     # both students as they ended (neither picked on the validation volumes)
-    evals = {"bcp": run_eval(out / "student_bcp" / "latest.pt", data, "val", out_dir=out / "eval" / "bcp", device="cpu")}
-    students = {}
-    for row in labeling["rounds"]:
-        if row.get("student"):
-            r = row["round"]
-            students[r] = labeling["out"] / row["student"]
-            sub = "loop" if r == rounds else f"loop_round{r}"
-            evals[sub] = run_eval(students[r], data, "val", out_dir=out / "eval" / sub, device="cpu")
+    bcp_eval = run_eval(out / "student_bcp" / "latest.pt", data, "val", out_dir=out / "eval" / "bcp", device="cpu")
+    students = {row["round"]: labeling["out"] / row["student"] for row in labeling["rounds"] if row.get("student")}
+    loop_evals = {
+        r: run_eval(ckpt, data, "val", out_dir=out / "eval" / ("loop" if r == rounds else f"loop_round{r}"), device="cpu")
+        for r, ckpt in students.items()
+    }
     # 8. report ------------------------------------------------------------------------------------
     p.stage("report", str(out / "report.md"))
     from services.demo.report import write_report
@@ -217,7 +215,7 @@ def _run(out, data, cases, seed, labeled, assistant_steps, rounds, student_steps
         "cpu_bf16": bf16,
         "seed": seed,
     }
-    return write_report(out, data, url, bcp, evals, students, p.elapsed, schedule, p.seconds, labeling=labeling)
+    return write_report(out, data, url, bcp, bcp_eval, loop_evals, students, p.elapsed, schedule, p.seconds, labeling=labeling)
 
 
 def _label_unlabeled(redis_url: str, data: Path, labeled: int, out: Path, rounds: int = 0, loop=None) -> dict | None:

@@ -27,11 +27,19 @@ def _student_prediction(ckpt: Path, image: np.ndarray) -> np.ndarray:
     return predict_slices(model, image[None], size, "cpu", amp=False).numpy()[0]
 
 
-def _labeling_section(out: Path, labeling: dict, plt) -> str:
-    """The labeling job's ranking table and overlays of its least and most trusted cases."""
-    from services.labeling.cases import CaseInput, read_case
+def _case_labels(rec, label_dirs: list[Path]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A job record's image volume (D, H, W) and its label file under each of `label_dirs` (a job OUT, a
+    round's folder), read in the image's axes."""
+    from services.labeling.cases import case_input, read_case
     from shared.data.nifti import load_label_nifti
 
+    vol = read_case(case_input(rec.case_id, Path(rec.input)))
+    axes = vol.meta.get("axes", (2, 0, 1))
+    return vol.image, [load_label_nifti(Path(d) / rec.output, axes=axes) for d in label_dirs]
+
+
+def _labeling_section(out: Path, labeling: dict, plt) -> str:
+    """The labeling job's ranking table and overlays of its least and most trusted cases."""
     ranking, records, s = labeling["ranking"], labeling["records"], labeling["summary"]
     rows = ["| rank | case | confidence | " + " | ".join(ranking[0]["classes"]) + " |" if ranking else "| rank | case | confidence |"]
     rows.append("|" + " --- |" * (3 + (len(ranking[0]["classes"]) if ranking else 0)))
@@ -43,12 +51,9 @@ def _labeling_section(out: Path, labeling: dict, plt) -> str:
         ends = [("least trusted", ranking[0]), ("most trusted", ranking[-1])]
         fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
         for ax, (what, r) in zip(axes, ends):
-            rec = records[r["case_id"]]
-            kind = "h5" if rec.input.endswith(".h5") else "nifti"
-            vol = read_case(CaseInput(rec.case_id, Path(rec.input), kind, False))
-            lab = load_label_nifti(Path(labeling["out"]) / rec.output, axes=vol.meta.get("axes", (2, 0, 1)))
+            image, (lab,) = _case_labels(records[r["case_id"]], [labeling["out"]])
             z = int(np.argmax((lab > 0).reshape(lab.shape[0], -1).sum(1)))
-            _overlay(ax, vol.image[z], lab[z], f"{what}: {r['case_id']} ({r['confidence']:.3f}), slice {z}")
+            _overlay(ax, image[z], lab[z], f"{what}: {r['case_id']} ({r['confidence']:.3f}), slice {z}")
         fig.tight_layout()
         fig.savefig(out / "labels_ranking.png", dpi=110)
         plt.close(fig)
@@ -75,18 +80,15 @@ serve the demo's assistant with jobs on and open the review page (docs/review.md
 """
 
 
-def _rounds_section(out: Path, labeling: dict, evals: dict, plt) -> str:
+def _rounds_section(out: Path, labeling: dict, loop_evals: dict[int, dict], plt) -> str:
     """The loop's per-round table (pseudo-labels of the unlabeled cases; that round's student on the
-    validation volumes) and the least trusted case's labels round by round."""
-    from services.labeling.cases import CaseInput, read_case
-    from shared.data.nifti import load_label_nifti
-
+    validation volumes, `loop_evals`: round → `run_eval` report) and the least trusted case's labels
+    round by round."""
     rows = ["| round | pseudo-labels: mean Dice (unlabeled cases) | per class | mean confidence | Spearman (confidence, Dice) | student: validation Dice | student steps | seconds (student + labels) |",
             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    n = len(labeling["rounds"]) - 1
     for row in labeling["rounds"]:
         r = row["round"]
-        ev = evals.get("loop" if r == n else f"loop_round{r}")
+        ev = loop_evals.get(r)
         student = f"{100 * ev['summary']['mean']['dice']:.2f}" if ev else "-"
         per = ", ".join(f"{k} {v:.1f}" for k, v in (row.get("dice_per_class") or {}).items())
         dice = "-" if row.get("dice") is None else f"{row['dice']:.2f}"
@@ -98,16 +100,13 @@ def _rounds_section(out: Path, labeling: dict, evals: dict, plt) -> str:
     ranking, records = labeling["ranking"], labeling["records"]
     if ranking:
         case_id = ranking[0]["case_id"]
-        rec = records[case_id]
-        kind = "h5" if rec.input.endswith(".h5") else "nifti"
-        vol = read_case(CaseInput(rec.case_id, Path(rec.input), kind, False))
-        axes_ = vol.meta.get("axes", (2, 0, 1))
-        labs = [load_label_nifti(Path(labeling["out"]) / "rounds" / str(r["round"]) / rec.output, axes=axes_) for r in labeling["rounds"]]
+        round_dirs = [Path(labeling["out"]) / "rounds" / str(r["round"]) for r in labeling["rounds"]]
+        image, labs = _case_labels(records[case_id], round_dirs)
         z = int(np.argmax((labs[-1] > 0).reshape(labs[-1].shape[0], -1).sum(1)))
         fig, axes = plt.subplots(1, len(labs) + 1, figsize=(3.2 * (len(labs) + 1), 3.4))
-        _overlay(axes[0], vol.image[z], None, f"{case_id} slice {z}")
+        _overlay(axes[0], image[z], None, f"{case_id} slice {z}")
         for ax, r, lab in zip(axes[1:], labeling["rounds"], labs):
-            _overlay(ax, vol.image[z], lab[z], f"round {r['round']}" + (" (templates only)" if r["round"] == 0 else ""))
+            _overlay(ax, image[z], lab[z], f"round {r['round']}" + (" (templates only)" if r["round"] == 0 else ""))
         fig.tight_layout()
         fig.savefig(out / "rounds.png", dpi=110)
         plt.close(fig)
@@ -130,15 +129,16 @@ def write_report(
     data: Path,
     url: str,
     bcp: dict,
-    evals: dict,
+    bcp_eval: dict,
+    loop_evals: dict[int, dict],
     students: dict[int, Path],
     elapsed: float,
     schedule: dict | None = None,
     stage_s: dict[str, float] | None = None,
     labeling: dict | None = None,
 ) -> dict:
-    """bcp: BCP alone's training result; evals: `run_eval` reports by name ("bcp", "loop" — the last
-    round's student — and "loop_round<r>"); students: round → student checkpoint; schedule: the run's
+    """bcp: BCP alone's training result, bcp_eval its `run_eval` report; loop_evals: round → the `run_eval`
+    report of that round's student; students: round → student checkpoint; schedule: the run's
     settings worth stating; stage_s: seconds per stage; labeling: the labeling job's summary, ranking,
     records and per-round table (services/demo/pipeline.py `_label_unlabeled`)."""
     import matplotlib
@@ -157,7 +157,8 @@ def write_report(
     pts = [(s, 100 * d) for s, _phase, d in bcp.get("val_dice", [])]
     if pts:
         ax.plot(*zip(*pts), marker="o", label="BCP alone")
-    loop_pts = [(r * steps, 100 * evals[("loop" if r == last else f"loop_round{r}")]["summary"]["mean"]["dice"]) for r in sorted(students)]
+    loop_dice = {r: 100 * rep["summary"]["mean"]["dice"] for r, rep in sorted(loop_evals.items())}
+    loop_pts = [(r * steps, d) for r, d in loop_dice.items()]
     if loop_pts:
         ax.plot(*zip(*loop_pts), marker="s", label="the loop's student (end of each round)")
     ax.set_xlabel("student steps")
@@ -188,14 +189,14 @@ def write_report(
     fig.savefig(out / "overlays.png", dpi=110)
     plt.close(fig)
 
-    rounds_md = _rounds_section(out, labeling, evals, plt) if labeling and labeling.get("rounds") else ""
+    rounds_md = _rounds_section(out, labeling, loop_evals, plt) if labeling and labeling.get("rounds") else ""
     labeling_md = _labeling_section(out, labeling, plt) if labeling else ""
-    summaries = {"BCP alone": evals["bcp"]["summary"]}
-    if "loop" in evals:
-        summaries[f"the loop's student (round {last})"] = evals["loop"]["summary"]
+    summaries = {"BCP alone": bcp_eval["summary"]}
+    if last is not None:
+        summaries[f"the loop's student (round {last})"] = loop_evals[last]["summary"]
     table = comparison_table(summaries)
-    d_bcp = 100 * evals["bcp"]["summary"]["mean"]["dice"]
-    d_loop = 100 * evals["loop"]["summary"]["mean"]["dice"] if "loop" in evals else float("nan")
+    d_bcp = 100 * bcp_eval["summary"]["mean"]["dice"]
+    d_loop = loop_dice[last] if last is not None else float("nan")
     verdict = "ahead of" if d_loop > d_bcp else "not ahead of"
     pseudo = [row.get("dice") for row in (labeling or {}).get("rounds", [])]
     pseudo_line = ""
@@ -238,7 +239,7 @@ Predictions as NIfTI: `eval/bcp/predictions/`, `eval/loop/predictions/`; the loo
         "dice_bcp": d_bcp,
         "dice_loop": d_loop,
         "pseudo_dice_per_round": pseudo,
-        "student_dice_per_round": {r: 100 * evals["loop" if r == last else f"loop_round{r}"]["summary"]["mean"]["dice"] for r in sorted(students)},
+        "student_dice_per_round": loop_dice,
         "summary_table": table,
         "elapsed_s": elapsed,
         "schedule": schedule or {},

@@ -256,6 +256,6 @@ def test_demo_labeling_step_runs_the_loop_tables_each_round_ranks_and_pictures(s
     md = _labeling_section(tmp_path, labeling, plt)
     assert "| 1 | " in md and "| 2 | " in md and "labels_ranking.png" in md
     assert (tmp_path / "labels_ranking.png").stat().st_size > 1000
-    md = _rounds_section(tmp_path, labeling, {"loop": {"summary": {"mean": {"dice": 0.5}}}}, plt)
+    md = _rounds_section(tmp_path, labeling, {1: {"summary": {"mean": {"dice": 0.5}}}}, plt)
     assert "| 0 | " in md and "| 1 | " in md and "50.00" in md and "rounds.png" in md
     assert (tmp_path / "rounds.png").stat().st_size > 1000
