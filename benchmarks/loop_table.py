@@ -16,28 +16,23 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 
 def subset_dice(score: dict, cases: set[str]) -> float | None:
-    """Mean Dice (%) of `score`'s cases that are in `cases`: per class over volumes, then over classes."""
-    per_class: dict[str, list[float]] = {}
-    for case in score["cases"]:
-        if case["case_id"] not in cases:
-            continue
-        for name, m in case["classes"].items():
-            if m.get("dice") is not None and np.isfinite(m["dice"]):
-                per_class.setdefault(name, []).append(float(m["dice"]))
-    if not per_class:
+    """Mean Dice (%) of `score`'s cases that are in `cases`, summarised as the job summarises a round
+    (`shared.metrics.summarise`: per class over volumes, then over classes)."""
+    from shared.metrics import summarise
+
+    chosen = [case for case in score["cases"] if case["case_id"] in cases]
+    if not chosen:
         return None
-    return round(100.0 * float(np.mean([np.mean(v) for v in per_class.values()])), 2)
+    return round(100.0 * summarise(chosen)["mean"]["dice"], 2)
 
 
 def loop_table(out: Path, subsets: dict[str, set[str]], data: Path | None = None, splits: tuple[str, ...] = ()) -> list[dict]:
     """One row per finished round of the loop job at `out`: pseudo-label Dice per subset, and with `data`
     its student's Dice on each of `splits`."""
     rows = []
-    rounds = sorted((int(p.name) for p in (out / "rounds").iterdir() if p.name.isdigit()), key=int)
+    rounds = sorted(int(p.name) for p in (out / "rounds").iterdir() if p.name.isdigit())
     for r in rounds:
         rdir = out / "rounds" / str(r)
         if not (rdir / "round.json").is_file():
